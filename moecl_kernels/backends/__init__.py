@@ -1,0 +1,141 @@
+"""Backend registry of the fused MoE-LoRA op: ``eager`` always; ``triton`` and ``cuda`` when available.
+
+Backends register lazily (a factory, imported on first use) so ``import moecl_kernels``
+never imports Triton or loads the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from .base import Backend, BwdArgs, FwdArgs  # noqa: F401
+
+ENV_VAR = "MOECL_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these tensors; the message says why."""
+
+
+_factories: dict[str, Callable[[], Backend]] = {}
+_instances: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register ``factory`` (called once, lazily) as backend ``name``."""
+    with _lock:
+        _factories[name] = factory
+        _instances.pop(name, None)
+        _load_errors.pop(name, None)
+
+
+def registered_backends() -> list[str]:
+    return list(_factories)
+
+
+def get_backend(name: str) -> Optional[Backend]:
+    """The backend object, or None if its module failed to load (see ``load_error``)."""
+    if name not in _factories:
+        raise ValueError(f"backend={name!r} is unknown; known backends: {sorted(_factories)} (or 'auto')")
+    with _lock:
+        if name in _instances:
+            return _instances[name]
+        if name in _load_errors:
+            return None
+        try:
+            inst = _factories[name]()
+        except Exception as e:  # missing triton, extension not built, ...
+            _load_errors[name] = f"{type(e).__name__}: {e}"
+            return None
+        _instances[name] = inst
+        return inst
+
+
+def load_error(name: str) -> Optional[str]:
+    return _load_errors.get(name)
+
+
+def warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _reason(name: str, x: Tensor) -> Optional[str]:
+    b = get_backend(name)
+    if b is None:
+        return f"backend {name!r} could not be loaded ({_load_errors.get(name)})"
+    return b.unavailable_reason(x)
+
+
+def default_backend_name() -> str:
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
+def resolve_backend(name: Optional[str], x: Tensor) -> str:
+    """Resolve a backend request (None = ``$MOECL_BACKEND`` or ``auto``) to a concrete name.
+
+    ``auto`` picks the highest-priority backend that can run ``x`` (on CPU tensors always
+    ``eager``); an explicit
+    backend that cannot raises :class:`BackendUnavailableError` saying why.
+    """
+    req = (name or default_backend_name()).lower()
+    if req != "auto":
+        if req not in _factories:
+            raise ValueError(
+                f"backend={req!r} is unknown; choose one of {['auto', *sorted(_factories)]} "
+                f"(argument backend= or ${ENV_VAR})"
+            )
+        why = _reason(req, x)
+        if why is not None:
+            raise BackendUnavailableError(f"backend={req!r} is unavailable: {why}")
+        return req
+    if x.device.type == "cpu":
+        # CPU tensors: eager. (Triton runs on CPU only under TRITON_INTERPRET=1, for tests.)
+        return "eager"
+    candidates = []
+    for n in _factories:
+        b = get_backend(n)
+        if b is not None and b.unavailable_reason(x) is None:
+            candidates.append((b.priority, n))
+    if not candidates:  # eager always runs; this means a broken install
+        raise BackendUnavailableError(f"no backend can run tensors on {x.device} with dtype {x.dtype}")
+    return max(candidates)[1]
+
+
+def backend(name: str) -> Backend:
+    b = get_backend(name)
+    if b is None:
+        raise BackendUnavailableError(f"backend={name!r} is unavailable: {_load_errors.get(name)}")
+    return b
+
+
+def _eager() -> Backend:
+    from .eager import EagerBackend
+
+    return EagerBackend()
+
+
+def _triton() -> Backend:
+    from .triton import TritonBackend  # noqa: F401  (arrives with the Triton backend)
+
+    return TritonBackend()
+
+
+def _cuda() -> Backend:
+    from .cuda import CudaBackend
+
+    return CudaBackend()
+
+
+register_backend("eager", _eager)
+register_backend("triton", _triton)
+register_backend("cuda", _cuda)

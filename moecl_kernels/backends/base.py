@@ -1,0 +1,111 @@
+"""The contract every backend of the fused MoE-LoRA op implements.
+
+A backend is an object with ``name``, ``priority``, ``unavailable_reason(x)``,
+``forward(FwdArgs)`` and ``backward(BwdArgs)``. The op (``moecl_kernels.ops.op``)
+validates inputs, resolves the backend and calls it; backends never see bad input.
+
+Semantics (SPEC §1), for token i with task ``t_i`` (-1 = no task):
+
+    beta_i = softmax(x_i W_g^T)            (fp32)
+    coef_i = [beta_s, beta_t] if gate and t_i >= 0
+             [1, 1]           if no gate and t_i >= 0
+             [1, 0]           if t_i == -1
+    x~     = dropout(x)  (``ops.dropout``: seeded hash, regenerated in backward)
+    h_s    = x~ A_s^T,   h_t = x~ A_{t_i}^T  (0 for t_i = -1)       -- unscaled, ungated
+    y      = x W^T + b + s*coef_s*h_s B_s^T + s*coef_t*h_t B_{t_i}^T
+
+Forward returns ``(y, h_s, h_t, coef)``: y in x's dtype [T, d_out]; h_s, h_t [T, r] and
+coef [T, 2] in ``acc_dtype(x.dtype)`` (fp32, or fp64 for fp64 inputs). These are what the backward consumes (any backend's backward
+must accept any backend's forward outputs: they are fully specified above).
+
+Routing tensors (built once per model forward by ``moecl_kernels.routing``):
+  token_task      int32 [T]      task of each token, -1 = none
+  sorted_idx      int32 [T]      token indices grouped by task 0..E-1, then no-task tokens;
+                                 stable (ascending token index within a group)
+  expert_offsets  int32 [E+1]    tokens of expert e are sorted_idx[off[e]:off[e+1]];
+                                 sorted_idx[off[E]:] are the no-task tokens
+  offsets_cpu     int64 [E+1] or None   the same offsets on the host when known without a sync
+  single_task     int            >= 0: every token has this task; -1: no token has a task;
+                                 -2: mixed or unknown (read the offsets)
+
+Backward returns ``(dx, dA_s, dB_s, dA, dB, dgate)``; each may be None when not
+needed (``needs_*`` flags). ``dA``/``dB`` are stacked [E, r, d_in]/[E, d_out, r] with
+zeros for experts that are not trainable (``expert_trainable[e] is False``), whose
+weight gradients must cost no compute. With ``deterministic=True`` the reductions
+must not use atomics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+SINGLE_MIXED = -2
+SINGLE_NONE = -1
+
+
+@dataclass
+class FwdArgs:
+    x: Tensor                    # [T, d_in]
+    weight: Tensor               # [d_out, d_in]
+    bias: Optional[Tensor]       # [d_out]
+    shared_A: Tensor             # [r, d_in]
+    shared_B: Tensor             # [d_out, r]
+    task_A: Tensor               # [E, r, d_in]
+    task_B: Tensor               # [E, d_out, r]
+    gate_weight: Optional[Tensor]  # [2, d_in]
+    token_task: Tensor
+    sorted_idx: Tensor
+    expert_offsets: Tensor
+    offsets_cpu: Optional[Tensor]
+    single_task: int
+    scale: float
+    dropout_p: float
+    seed: int
+
+
+@dataclass
+class BwdArgs(FwdArgs):
+    grad_y: Tensor = None        # [T, d_out]
+    h_s: Tensor = None
+    h_t: Tensor = None
+    coef: Tensor = None
+    needs_dx: bool = True
+    needs_shared: bool = True    # dA_s and dB_s
+    needs_task: bool = True      # dA and dB (for trainable experts)
+    needs_gate: bool = True
+    expert_trainable: Optional[list] = None  # list[bool] of length E; None = all
+    deterministic: bool = False
+
+    def trainable(self, e: int) -> bool:
+        return self.needs_task and (self.expert_trainable is None or bool(self.expert_trainable[e]))
+
+
+class Backend(Protocol):
+    name: str
+    priority: int  # higher wins under MOECL_BACKEND=auto
+
+    def unavailable_reason(self, x: Tensor) -> Optional[str]:
+        """None if this backend can run on x's device/dtype, else a human-readable reason."""
+
+    def forward(self, a: FwdArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+    def backward(self, a: BwdArgs) -> tuple: ...
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the saved rank-r intermediates and gates: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def host_offsets(a: FwdArgs) -> list[int]:
+    """Expert offsets on the host (one device sync if they were not known on the host)."""
+    off = a.offsets_cpu if a.offsets_cpu is not None else a.expert_offsets
+    return [int(v) for v in off.tolist()]
+
+
+def empty_like_spec(x: Tensor) -> Tensor:
+    return x.new_empty((0,))

@@ -1,0 +1,77 @@
+"""Seeded, counter-based dropout mask shared by every backend.
+
+The mask of element (row, col) of the flattened LoRA input is a pure function of
+``(seed, row, col, p)``, so the backward pass regenerates it instead of storing a
+T x d_in mask, and every backend (eager, Triton, CUDA) produces the *same* mask
+for the same seed. ``row`` is the token's index in the flattened input (its
+original order, independent of task grouping) and ``col`` the feature index.
+
+    k    = fmix32((seed ^ 0x5BD1E995) + row * 0x9E3779B1)      (mod 2**32)
+    h    = fmix32(k ^ (col * 0x85EBCA77))                        (mod 2**32)
+    keep = (h >> 8) >= threshold(p),   threshold(p) = round(p * 2**24)
+    x~   = x * keep / (1 - p)
+
+``fmix32`` is MurmurHash3's 32-bit finaliser. Kernels implement the same
+arithmetic in uint32 (which wraps); this module does it in int64 with exact
+16-bit split multiplies so it never overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+SEED_XOR = 0x5BD1E995
+ROW_MUL = 0x9E3779B1
+COL_MUL = 0x85EBCA77
+FMIX_C1 = 0x85EBCA6B
+FMIX_C2 = 0xC2B2AE35
+
+
+def threshold24(p: float) -> int:
+    """Integer threshold on the hash's top 24 bits: keep iff ``(h >> 8) >= threshold24(p)``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return int(round(p * (1 << 24)))
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # (h * c) mod 2**32 for 0 <= h < 2**32, exact in int64 (no overflow).
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, FMIX_C1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, FMIX_C2)
+    return h ^ (h >> 16)
+
+
+def keep_mask(seed: int, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep-mask for the broadcast of ``rows[:, None]`` and ``cols[None, :]``."""
+    s = int(seed) & MASK32
+    rows = rows.to(torch.int64)[:, None]
+    cols = cols.to(torch.int64)[None, :]
+    k = fmix32(((s ^ SEED_XOR) + _mul32(rows, ROW_MUL)) & MASK32)
+    h = fmix32(k ^ _mul32(cols, COL_MUL))
+    return (h >> 8) >= threshold24(p)
+
+
+def dropout_mask(seed: int, num_rows: int, num_cols: int, p: float, device=None) -> torch.Tensor:
+    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
+    cols = torch.arange(num_cols, device=device, dtype=torch.int64)
+    return keep_mask(seed, rows, cols, p)
+
+
+def apply_dropout(x: torch.Tensor, p: float, seed: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * keep / (1 - p)`` for a 2-D ``x``; ``rows`` are the global row indices of ``x``'s rows."""
+    if p == 0.0:
+        return x
+    if rows is None:
+        rows = torch.arange(x.shape[0], device=x.device)
+    cols = torch.arange(x.shape[1], device=x.device)
+    keep = keep_mask(seed, rows, cols, p)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
