@@ -124,6 +124,12 @@ def _eager() -> Backend:
     return EagerBackend()
 
 
+def _reference() -> Backend:
+    from .reference import ReferenceBackend
+
+    return ReferenceBackend()
+
+
 def _triton() -> Backend:
     from .triton import TritonBackend  # noqa: F401  (arrives with the Triton backend)
 
@@ -137,5 +143,6 @@ def _cuda() -> Backend:
 
 
 register_backend("eager", _eager)
+register_backend("reference", _reference)
 register_backend("triton", _triton)
 register_backend("cuda", _cuda)

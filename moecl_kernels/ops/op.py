@@ -111,22 +111,20 @@ def moe_lora_bwd(
                 deterministic=deterministic)
     b = _bk.backend(backend)
     grads = b.backward(a)
-    empty = x.new_empty((0,))
-    return tuple(g if g is not None else empty for g in grads)  # type: ignore[return-value]
+    # outputs must not alias each other: a fresh empty tensor for every grad not computed
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)  # type: ignore[return-value]
 
 
 @moe_lora_bwd.register_fake
 def _(grad_y, x, weight, shared_A, shared_B, task_A, task_B, gate_weight, token_task, sorted_idx, expert_offsets,
       offsets_cpu, single_task, h_s, h_t, coef, scale, dropout_p, seed, needs, expert_trainable, deterministic,
       backend):
-    e = x.new_empty((0,))
+    def out(like, needed):
+        return torch.empty_like(like) if needed else x.new_empty((0,))
+
     return (
-        torch.empty_like(x) if needs[0] else e,
-        torch.empty_like(shared_A) if needs[1] else e,
-        torch.empty_like(shared_B) if needs[1] else e,
-        torch.empty_like(task_A) if needs[2] else e,
-        torch.empty_like(task_B) if needs[2] else e,
-        torch.empty_like(gate_weight) if (needs[3] and gate_weight is not None) else e,
+        out(x, needs[0]), out(shared_A, needs[1]), out(shared_B, needs[1]), out(task_A, needs[2]),
+        out(task_B, needs[2]), out(gate_weight, needs[3] and gate_weight is not None),
     )
 
 

@@ -1,0 +1,51 @@
+"""Shared test helpers: random op inputs, routing patterns, error metrics."""
+
+from __future__ import annotations
+
+import torch
+
+ROUTINGS = ("single", "mixed", "skewed", "none", "partial")
+
+
+def token_tasks(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
+    """Per-token task ids for a routing pattern (CPU int64)."""
+    if kind == "single":
+        return torch.full((T,), int(torch.randint(0, E, (1,), generator=g)))
+    if kind == "mixed":
+        return torch.randint(0, E, (T,), generator=g)
+    if kind == "skewed":  # zipf-like: task 0 dominates, a long tail of rare tasks
+        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 2
+        return torch.multinomial(w, T, replacement=True, generator=g)
+    if kind == "none":
+        return torch.full((T,), -1)
+    if kind == "partial":  # mixed with ~1/3 of the tokens without a task
+        t = torch.randint(0, E, (T,), generator=g)
+        return torch.where(torch.rand(T, generator=g) < 0.33, torch.full_like(t, -1), t)
+    raise ValueError(kind)
+
+
+def op_inputs(T, d_in, d_out, r, E, dtype=torch.float64, bias=True, gate=True, seed=0, device="cpu"):
+    """Random x, weight, bias, shared/task experts and gate (all B non-zero), requiring grad where trainable."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, grad=True):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+        return t.requires_grad_(grad)
+
+    return dict(
+        x=rnd(T, d_in),
+        weight=rnd(d_out, d_in, scale=d_in**-0.5, grad=False),
+        bias=rnd(d_out, grad=False) if bias else None,
+        shared_A=rnd(r, d_in, scale=d_in**-0.5),
+        shared_B=rnd(d_out, r, scale=r**-0.5),
+        task_A=rnd(E, r, d_in, scale=d_in**-0.5),
+        task_B=rnd(E, d_out, r, scale=r**-0.5),
+        gate_weight=rnd(2, d_in, scale=d_in**-0.5) if gate else None,
+    ), g
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - ref).norm() / ref.norm().clamp(min=1e-300))

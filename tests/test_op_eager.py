@@ -1,0 +1,190 @@
+"""The eager backend (and the op's autograd) against the float64 reference formula."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import ROUTINGS, op_inputs, rel_err, token_tasks
+from moecl_kernels.ops import dropout_mask, moe_lora_linear, moe_lora_reference
+from moecl_kernels.routing import build_routing
+
+GRAD_NAMES = ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")
+SIZES = [(37, 29, 23), (64, 48, 33), (5, 7, 3)]  # odd sizes, d_in != d_out
+RE = [(r, E) for r in (1, 8, 64) for E in (1, 4, 32)]
+
+
+def run_case(T, d_in, d_out, r, E, routing, gate, p, dtype, backend="eager", seed=0, trainable=None, bias=True):
+    inp, g = op_inputs(T, d_in, d_out, r, E, dtype=dtype, gate=gate, seed=seed, bias=bias)
+    tt = token_tasks(routing, T, E, g)
+    R = build_routing(tt, E, T)
+    drop_seed = torch.tensor(1234 + seed)
+    y = moe_lora_linear(**inp, routing=R, scale=1.7, dropout_p=p, seed=drop_seed, backend=backend,
+                        expert_trainable=trainable)
+    ref_in = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in inp.items()}
+    y_ref = moe_lora_reference(**ref_in, token_task=tt, scale=1.7, dropout_p=p, seed=1234 + seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    names = [n for n in GRAD_NAMES if inp[n] is not None]
+    grads = torch.autograd.grad(y, [inp[n] for n in names], gy.to(dtype))
+    grads_ref = torch.autograd.grad(y_ref, [ref_in[n] for n in names], gy)
+    out = {"y": (y, y_ref)}
+    for n, a, b in zip(names, grads, grads_ref):
+        if n.startswith("task_") and trainable is not None:
+            b = b.clone()
+            b[[not t for t in trainable]] = 0
+        out[n] = (a, b)
+    return out, R
+
+
+CASES = [
+    (SIZES[i % len(SIZES)], r, E, routing, gate, p, dtype)
+    for i, ((r, E), routing, gate, p, dtype) in enumerate(
+        itertools.product(RE, ROUTINGS, (True, False), (0.0, 0.1), (torch.float64, torch.float32))
+    )
+]
+
+
+@pytest.mark.parametrize("size,r,E,routing,gate,p,dtype", CASES)
+def test_eager_matches_reference(size, r, E, routing, gate, p, dtype):
+    T, d_in, d_out = size
+    seed = hash((size, r, E, routing, gate, p)) % 10_000
+    out, _ = run_case(T, d_in, d_out, r, E, routing, gate, p, dtype, seed=seed)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for name, (a, b) in out.items():
+        if b.abs().max() == 0:  # e.g. task grads with no task tokens, gate grads with gate unused
+            assert a.abs().max() == 0, name
+            continue
+        assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.3e}"
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("T", [1, 2])
+def test_decode_sizes(T, routing):
+    out, _ = run_case(T, 17, 13, 4, 3, routing, True, 0.0, torch.float64)
+    for name, (a, b) in out.items():
+        assert rel_err(a, b) <= 1e-10 or b.abs().max() == 0, name
+
+
+def test_no_bias():
+    out, _ = run_case(21, 19, 11, 3, 2, "mixed", True, 0.1, torch.float64, bias=False)
+    for name, (a, b) in out.items():
+        assert rel_err(a, b) <= 1e-10, name
+
+
+@pytest.mark.parametrize("routing", ["mixed", "single", "partial"])
+def test_frozen_experts_get_zero_grad(routing):
+    trainable = [True, False, False, True]
+    out, _ = run_case(40, 16, 12, 4, 4, routing, True, 0.1, torch.float64, trainable=trainable)
+    for n in ("task_A", "task_B"):
+        a, b = out[n]
+        assert torch.all(a[[1, 2]] == 0), n
+        assert rel_err(a, b) <= 1e-10 or b.abs().max() == 0
+
+
+def _backward_flops(trainable):
+    """FLOPs of the eager backend's backward (called directly: the op itself is opaque to the counter)."""
+    from moecl_kernels.backends.base import BwdArgs
+    from moecl_kernels.backends.eager import EagerBackend
+    from moecl_kernels.ops.op import _fwd_args as make_fwd_args
+
+    inp, g = op_inputs(64, 32, 24, 4, 4, dtype=torch.float32, seed=3)
+    inp = {k: v.detach() if v is not None else None for k, v in inp.items()}
+    R = build_routing(torch.arange(64) % 4, 4, 64)  # every expert present, 16 tokens each
+    fa = make_fwd_args(*(inp[k] for k in ("x", "weight", "bias", "shared_A", "shared_B", "task_A", "task_B",
+                                          "gate_weight")), R.token_task, R.sorted_idx, R.expert_offsets,
+                       R.offsets_cpu, R.single_task, 2.0, 0.0, None)
+    be = EagerBackend()
+    y, h_s, h_t, coef = be.forward(fa)
+    a = BwdArgs(**fa.__dict__, grad_y=torch.ones_like(y), h_s=h_s, h_t=h_t, coef=coef, expert_trainable=trainable)
+    with FlopCounterMode(display=False) as fc:
+        be.backward(a)
+    return fc.get_total_flops()
+
+
+def test_frozen_experts_cost_no_compute():
+    all_flops = _backward_flops([True] * 4)
+    two_frozen = _backward_flops([True, False, True, False])
+    # each frozen expert present saves its dA (2*n*r*d_in) and dB (2*n*d_out*r) GEMMs: n = 16 tokens
+    saved = 2 * (2 * 16 * 4 * 32 + 2 * 16 * 24 * 4)
+    assert all_flops - two_frozen == saved
+
+
+def test_task_grads_skipped_when_no_expert_trains():
+    inp, g = op_inputs(20, 8, 6, 2, 3, dtype=torch.float64)
+    inp["task_A"].requires_grad_(False)
+    inp["task_B"].requires_grad_(False)
+    R = build_routing(torch.randint(0, 3, (20,), generator=g), 3, 20)
+    y = moe_lora_linear(**inp, routing=R, scale=1.0)
+    y.sum().backward()
+    assert inp["task_A"].grad is None and inp["shared_A"].grad is not None
+
+
+def test_dropout_reproducible_and_seeded():
+    m1 = dropout_mask(7, 300, 257, 0.1)
+    m2 = dropout_mask(7, 300, 257, 0.1)
+    m3 = dropout_mask(8, 300, 257, 0.1)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert abs(m1.float().mean().item() - 0.9) < 0.01
+    # rows and columns are not correlated copies of each other
+    assert not torch.equal(m1[0], m1[1]) and not torch.equal(m1[:, 0], m1[:, 1])
+    inp, g = op_inputs(33, 20, 10, 4, 2, dtype=torch.float64)
+    R = build_routing(torch.randint(0, 2, (33,), generator=g), 2, 33)
+    ys = [moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.3, seed=torch.tensor(s)) for s in (5, 5, 6)]
+    assert torch.equal(ys[0], ys[1]) and not torch.equal(ys[0], ys[2])
+
+
+def _small_op_args(dtype=torch.float64, p=0.2, gate=True):
+    inp, g = op_inputs(9, 6, 5, 2, 3, dtype=dtype, gate=gate, seed=11)
+    R = build_routing(torch.tensor([0, 2, -1, 1, 1, 0, 2, -1, 0]), 3, 9)
+    return inp, R, p
+
+
+def test_gradcheck_fp64():
+    inp, R, p = _small_op_args()
+    names = [n for n in GRAD_NAMES if inp[n] is not None]
+
+    def f(*ts):
+        kw = dict(inp, **dict(zip(names, ts)))
+        return moe_lora_linear(**kw, routing=R, scale=1.3, dropout_p=p, seed=torch.tensor(99))
+
+    assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names), eps=1e-6, atol=1e-8)
+
+
+def _fwd_args(inp, R, p, backend="eager", trainable=(True, True, True)):
+    return (inp["x"], inp["weight"], inp["bias"], inp["shared_A"], inp["shared_B"], inp["task_A"], inp["task_B"],
+            inp["gate_weight"], R.token_task, R.sorted_idx, R.expert_offsets, R.offsets_cpu, R.single_task,
+            1.3, p, torch.tensor(5), list(trainable), False, backend)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_opcheck_forward(gate):
+    inp, R, p = _small_op_args(gate=gate)
+    torch.library.opcheck(torch.ops.moecl.moe_lora_fwd.default, _fwd_args(inp, R, p))
+
+
+def test_opcheck_backward():
+    inp, R, p = _small_op_args()
+    y, h_s, h_t, coef = torch.ops.moecl.moe_lora_fwd(*_fwd_args({k: v.detach() if v is not None else None
+                                                                 for k, v in inp.items()}, R, p))
+    gy = torch.randn_like(y)
+    args = (gy, inp["x"].detach(), inp["weight"], inp["shared_A"].detach(), inp["shared_B"].detach(),
+            inp["task_A"].detach(), inp["task_B"].detach(), inp["gate_weight"].detach(), R.token_task, R.sorted_idx,
+            R.expert_offsets, R.offsets_cpu, R.single_task, h_s, h_t, coef, 1.3, p, torch.tensor(5),
+            [True, True, True, True], [True, False, True], False, "eager")
+    torch.library.opcheck(torch.ops.moecl.moe_lora_bwd.default, args)
+
+
+def test_routing_on_device_tensor_path():
+    # task ids given as a non-CPU-analysed tensor path: emulate by building from a "device" tensor on CPU
+    inp, g = op_inputs(30, 12, 9, 3, 5, dtype=torch.float64)
+    tt = token_tasks("partial", 30, 5, g)
+    R = build_routing(tt, 5, 30)
+    assert R.offsets_cpu is not None
+    R_dev = build_routing(tt, 5, 30)
+    R_dev.offsets_cpu, R_dev.single_task = None, -2  # what a CUDA task-id tensor yields
+    y1 = moe_lora_linear(**inp, routing=R, scale=1.0)
+    y2 = moe_lora_linear(**inp, routing=R_dev, scale=1.0)
+    assert torch.equal(y1, y2)
