@@ -184,6 +184,7 @@ def inject(
     for name in names:
         lin = model.get_submodule(name)
         layer = FusedMoELoRALinear(lin, num_tasks, r, alpha, dropout, gate, rslora, None, deterministic)
+        layer.train(lin.training)  # keep the model's train/eval mode
         layer._moecl_ctx = ctx
         layer._moecl_name = name
         _set_submodule(model, name, layer)

@@ -150,16 +150,19 @@ class FusedMoELoRALinear(nn.Module):
         T = x2.shape[0]
         R = self._routing(task_ids, routing, x, T)
         dt = x2.dtype
-        if torch.is_autocast_enabled(x2.device.type):
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x2.device.type):  # what F.linear does under autocast
             dt = torch.get_autocast_dtype(x2.device.type)
-            x2 = x2.to(dt)
+            x2, weight = x2.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        # the base weight must match x (as for nn.Linear); the LoRA weights are cast to x's dtype
         A, B = self._stacked_experts(dt)
         gate = self.moe_gate.to(dt) if self.moe_gate is not None else None
         p = self.dropout_p if self.training else 0.0
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
         ctx = self._moecl_ctx
         y = moe_lora_linear(
-            x2, self.weight.to(dt), self.bias.to(dt) if self.bias is not None else None,
+            x2, weight, bias,
             self.lora_shared_A.to(dt), self.lora_shared_B.to(dt), A, B, gate, R,
             scale=self.scaling, dropout_p=p, seed=seed, expert_trainable=self.expert_trainable(),
             deterministic=self.deterministic,

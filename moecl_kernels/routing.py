@@ -77,15 +77,19 @@ def _as_tensor(task_ids: TaskIds, name: str) -> Tensor:
 
 
 def check_task_range(t: Tensor, num_tasks: int, name: str = "task_ids") -> None:
-    """Raise if any id is outside [-1, num_tasks). Syncs only for device tensors outside
-    graph capture / compilation (where the check is skipped: validate on the host)."""
+    """Raise if any id is outside [-1, num_tasks).
+
+    Host tensors are checked directly. Device tensors cost one sync, except while
+    tracing (torch.compile) or capturing a CUDA graph, where an asynchronous device-side
+    assert takes its place (same message, reported at the next synchronisation).
+    """
     if t.numel() == 0:
         return
-    if t.device.type != "cpu":
-        if torch.compiler.is_compiling():
-            return
-        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return
+    traced = torch.compiler.is_compiling() or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if traced:
+        ok = ((t >= -1) & (t < num_tasks)).all()
+        torch._assert_async(ok, f"{name} contains a task id outside [-1, {num_tasks - 1}] (num_tasks={num_tasks})")
+        return
     lo, hi = (int(v) for v in torch.aminmax(t.long()))
     if lo < -1 or hi >= num_tasks:
         bad = lo if lo < -1 else hi
@@ -105,7 +109,8 @@ def build_routing(
     """Routing for ``num_tokens`` flattened tokens.
 
     ``task_ids`` is per sequence ([B], broadcast over the ``num_tokens // B`` tokens of
-    each sequence), per token ([B, S] or [T]), or one int for the whole batch.
+    each sequence), per token (any shape of ``num_tokens`` ids, e.g. [B, S]), or one int
+    for the whole batch. A 1-D tensor of ``num_tokens`` ids is per token.
     """
     t = _as_tensor(task_ids, name)
     check_task_range(t, num_tasks, name)
@@ -122,19 +127,17 @@ def build_routing(
         S = num_tokens // B
         batch_shape = (B, S)
         tok = t.repeat_interleave(S) if S > 1 else t
-    elif t.dim() == 2:
+    else:  # per token, any shape with one id per token ([B, S], [B, S1, S2], ...)
         if t.numel() != num_tokens:
             raise RoutingError(f"{name} has shape {tuple(t.shape)} ({t.numel()} ids) but the input has {num_tokens} tokens")
-        batch_shape = tuple(t.shape)
+        batch_shape = (t.shape[0], num_tokens // t.shape[0])
         tok = t.reshape(-1)
-    else:
-        raise RoutingError(f"{name} must be 0-, 1- or 2-D, got shape {tuple(t.shape)}")
 
     dev = torch.device(device) if device is not None else t.device
     single = SINGLE_MIXED
     offsets_cpu = None
-    if t.device.type == "cpu":
-        # host-side analysis: free, no device sync
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        # host-side analysis: free, no device sync (skipped while tracing: it is data-dependent)
         key = torch.where(tok < 0, torch.full_like(tok, num_tasks), tok).long()
         counts = torch.bincount(key, minlength=num_tasks + 1)
         offsets_cpu = torch.zeros(num_tasks + 1, dtype=torch.int64)
@@ -150,7 +153,8 @@ def build_routing(
     else:
         tok = tok.to(dev)
         key = torch.where(tok < 0, torch.full_like(tok, num_tasks), tok).long()
-        counts = torch.bincount(key, minlength=num_tasks + 1)
+        # scatter_add rather than bincount: a static output shape (traceable by torch.compile)
+        counts = torch.zeros(num_tasks + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
         expert_offsets = torch.zeros(num_tasks + 1, dtype=torch.int32, device=dev)
         expert_offsets[1:] = torch.cumsum(counts[:num_tasks], 0).to(torch.int32)
         sorted_idx = torch.argsort(key, stable=True).to(torch.int32)

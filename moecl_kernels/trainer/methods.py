@@ -1,0 +1,79 @@
+"""The continual-learning methods of the harness, all on one ``FusedMoELoRALinear`` layer.
+
+| method          | experts       | gate | shared expert       | routing (train / test)   | extra loss                    |
+| --------------- | ------------- | ---- | ------------------- | ------------------------ | ----------------------------- |
+| ``moecl``       | one per task  | yes  | trainable           | task k / task j          | adversarial (discriminators)  |
+| ``moecl_nogan`` | one per task  | yes  | trainable           | task k / task j          | none (lambda = 0)             |
+| ``seq_lora``    | none          | no   | trainable: the LoRA | -1 / -1 (shared only)    | none                          |
+| ``isolated_lora``| one per task | no   | frozen at zero      | task k / task j          | none                          |
+| ``olora``       | one per task  | no   | frozen at zero      | task k / -1 (merged)     | orthogonality to earlier A's  |
+
+O-LoRA (Wang et al. 2023): the LoRA of task k is trained with ``lambda_orth *
+sum_{j<k} |A_k A_j^T|_1`` against the frozen A's of earlier tasks; after the task it
+is merged into the base weight, so at test time every task runs on the sum of all
+LoRAs without a task id. The merge is recomputed from the saved experts on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import moecl_kernels as mk
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    task_experts: bool  # one expert per task (else a single shared LoRA)
+    gate: bool
+    shared: bool  # the shared expert is trained
+    adversarial: bool
+    olora: bool = False
+
+    def num_experts(self, num_tasks: int) -> int:
+        return num_tasks if self.task_experts else 1
+
+    def route(self, task_ids: Tensor, phase: str) -> Tensor:
+        """Expert ids for a batch of true task ids; ``phase`` is "train" (training and
+        dev checks) or "test" (the accuracy matrix)."""
+        if not self.task_experts or (self.olora and phase == "test"):
+            return torch.full_like(task_ids, -1)
+        return task_ids
+
+    def set_trainable(self, model: nn.Module, task: int) -> None:
+        """Only the parameters this method trains on ``task`` require grad (model = the injected backbone)."""
+        mk.set_trainable(model, task=task if self.task_experts else None, shared=self.shared, gate=self.gate)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "moecl": MethodSpec("moecl", task_experts=True, gate=True, shared=True, adversarial=True),
+    "moecl_nogan": MethodSpec("moecl_nogan", task_experts=True, gate=True, shared=True, adversarial=False),
+    "seq_lora": MethodSpec("seq_lora", task_experts=False, gate=False, shared=True, adversarial=False),
+    "isolated_lora": MethodSpec("isolated_lora", task_experts=True, gate=False, shared=False, adversarial=False),
+    "olora": MethodSpec("olora", task_experts=True, gate=False, shared=False, adversarial=False, olora=True),
+}
+
+
+def orthogonality_loss(model: nn.Module, task: int) -> Tensor:
+    """O-LoRA's sum over injected modules and earlier tasks j of |A_task A_j^T|_1."""
+    total = None
+    for layer in mk.moe_layers(model).values():
+        a = layer.lora_task_A[task]
+        for j in range(task):
+            term = (a @ layer.lora_task_A[j].detach().T).abs().sum()
+            total = term if total is None else total + term
+    if total is None:
+        return next(iter(mk.moe_layers(model).values())).lora_task_A[task].new_zeros(())
+    return total
+
+
+@torch.no_grad()
+def merge_expert(model: nn.Module, task: int) -> None:
+    """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight."""
+    for layer in mk.moe_layers(model).values():
+        delta = layer.scaling * (layer.lora_task_B[task].float() @ layer.lora_task_A[task].float())
+        layer.weight.add_(delta.to(layer.weight.dtype))

@@ -1,0 +1,227 @@
+"""Backbones (a local Hugging Face model or a built-in tiny random-init config), the
+per-task classification heads, the MoE-CL discriminators and the training losses."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import moecl_kernels as mk
+
+from .batching import IGNORE_INDEX
+from .methods import MethodSpec, orthogonality_loss
+from .tokenizer import BuiltinTokenizer
+
+TINY_MODELS = ("tiny-llama", "tiny-bert")
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra",
+                           "albert", "camembert", "mpnet", "modernbert"})
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
+_BERT_FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"
+
+
+def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence[str]) -> Any:
+    """The built-in tokenizer (over ``words``) for tiny models or ``tokenizer="builtin"``,
+    else ``AutoTokenizer`` from the tokenizer (or model) directory."""
+    if tokenizer == "builtin" or (tokenizer is None and name_or_path in TINY_MODELS):
+        return BuiltinTokenizer(words)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_backbone(name_or_path: str, generative: bool, vocab_size: int, max_length: int, dtype: str,
+                   special: dict[str, Optional[int]]) -> nn.Module:
+    """A causal LM (generative), a decoder body or an encoder (classification).
+
+    Built-in ``tiny-llama`` (hidden 64, 2 layers, 4 heads, FFN 128) and ``tiny-bert``
+    are random-init from the current torch seed; anything else is a local directory
+    loaded with ``from_pretrained`` (no downloads are attempted when it is missing).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    torch_dtype = _DTYPES[dtype]
+    if name_or_path == "tiny-llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(64, max_length),
+                          **{k: v for k, v in special.items() if v is not None})
+        model = LlamaForCausalLM(cfg) if generative else LlamaModel(cfg)
+        return model.to(torch_dtype)
+    if name_or_path == "tiny-bert":
+        if generative:
+            raise ValueError("model tiny-bert is an encoder; train.mode=generative needs a causal LM (tiny-llama)")
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=max(64, max_length),
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         pad_token_id=special.get("pad_token_id") or 0)
+        return BertModel(cfg, add_pooling_layer=False).to(torch_dtype)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path!r} is neither a built-in tiny model {TINY_MODELS} nor a local directory"
+        )
+    cls = AutoModelForCausalLM if generative else AutoModel
+    return cls.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+
+
+def is_encoder(backbone: nn.Module) -> bool:
+    return getattr(backbone.config, "model_type", "") in ENCODER_TYPES
+
+
+def default_target_modules(backbone: nn.Module) -> Any:
+    """The FFN projections: Llama-style gate/up/down_proj, or BERT-style intermediate/output dense."""
+    names = [n for n, _ in backbone.named_modules()]
+    if any(n.endswith("down_proj") for n in names):
+        return list(_LLAMA_FFN)
+    if any(n.endswith("intermediate.dense") for n in names):
+        return _BERT_FFN
+    raise ValueError("no FFN projections recognised in this model: set model.target_modules")
+
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward, negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return -grad
+
+
+class Discriminators(nn.Module):
+    """One bias-free linear task classifier per chosen injected module, on its pooled
+    shared-path output p_n (SPEC §1)."""
+
+    def __init__(self, dims: dict[str, int], num_tasks: int) -> None:
+        super().__init__()
+        self.names = list(dims)
+        self.linears = nn.ModuleList(nn.Linear(d, num_tasks, bias=False) for d in dims.values())
+        self.num_tasks = num_tasks
+
+    def losses(self, pooled: dict[str, Tensor], task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed (over the batch) cross-entropies per module, [M] each: the discriminator
+        side (p_n detached; weights get the *reversed* gradient, so that in
+        ``L_task - lambda * L_D`` they descend L_D) and the shared side (weights detached;
+        p_n gets the ordinary gradient of ``- lambda * L_D``: the shared path ascends L_D)."""
+        missing = [n for n in self.names if n not in pooled]
+        if missing:
+            raise RuntimeError(f"no pooled outputs for modules {missing[:3]}: was mk.collect_pooled enabled?")
+        disc, shared = [], []
+        for name, lin in zip(self.names, self.linears):
+            p = pooled[name].float()
+            disc.append(F.cross_entropy(F.linear(p.detach(), GradReverse.apply(lin.weight)), task_ids, reduction="sum"))
+            shared.append(F.cross_entropy(F.linear(p, lin.weight.detach()), task_ids, reduction="sum"))
+        return torch.stack(disc), torch.stack(shared)
+
+
+class ContinualModel(nn.Module):
+    """The injected backbone, per-task heads (classification) and discriminators (MoE-CL),
+    computing the training loss of one method."""
+
+    def __init__(self, backbone: nn.Module, spec: MethodSpec, num_classes: Sequence[int], mode: str, pooling: str,
+                 lambda_adv: float = 0.0, adv_cap: bool = True, disc_modules: Optional[Sequence[str]] = None,
+                 olora_lambda: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.mode = mode
+        self.pooling = pooling  # "last" (decoders) or "first" (encoders)
+        num_tasks = len(num_classes)
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in num_classes) if mode == "classification" else None
+        self.lambda_adv = float(lambda_adv) if spec.adversarial else 0.0
+        self.adv_cap = math.log(num_tasks) if adv_cap else None
+        self.olora_lambda = float(olora_lambda) if spec.olora else 0.0
+        self.discriminators: Optional[Discriminators] = None
+        if self.lambda_adv > 0:
+            layers = mk.moe_layers(backbone)
+            chosen = [n for n in layers if disc_modules is None or any(n == s or n.endswith("." + s) for s in disc_modules)]
+            if not chosen:
+                raise ValueError(f"method.disc_modules={disc_modules} matches no injected module; modules: {list(layers)[:6]}")
+            self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks)
+            mk.collect_pooled(backbone, True, chosen)
+
+    # ---------------------------------------------------------------- trainability / state
+    def set_task(self, task: int) -> None:
+        """Freeze everything but what the method trains on ``task``."""
+        self.spec.set_trainable(self.backbone, task)
+        if self.heads is not None:
+            for i, h in enumerate(self.heads):
+                h.requires_grad_(i == task)
+        if self.discriminators is not None:
+            self.discriminators.requires_grad_(True)
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Every parameter a method can change (experts, gates, heads, discriminators), by name."""
+        keep = {id(p) for m in mk.moe_layers(self.backbone).values() for n, p in m.named_parameters()
+                if n.startswith(("lora_", "moe_gate"))}
+        out = {}
+        for name, p in self.named_parameters():
+            if id(p) in keep or not name.startswith("backbone."):
+                out[name] = p
+        return out
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        params = self.adapter_state()
+        if set(params) != set(state):
+            diff = sorted(set(params) ^ set(state))[:5]
+            raise ValueError(f"checkpoint parameters do not match the model: {diff}")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k])
+
+    # ---------------------------------------------------------------- forward
+    def features(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """The classified token's state (fp32): the first token or the last non-pad one."""
+        if self.pooling == "first":
+            return hidden[:, 0].float()
+        last = attention_mask.long().sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor, labels: Tensor,
+                lm_labels: Optional[Tensor] = None, scale: float = 1.0, reduce=None) -> dict[str, Tensor]:
+        """Training loss. Per-example terms are summed and multiplied by ``scale``
+        (= world size / global batch size, so that data-parallel gradient averaging gives
+        the global-batch mean); ``reduce`` all-reduces (sums) a tensor across processes."""
+        route = self.spec.route(task_ids, "train")
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, task_ids=route)
+        if self.mode == "classification":
+            feats = self.features(out.last_hidden_state, attention_mask)
+            task_sum = feats.new_zeros(())
+            for t in task_ids.unique().tolist():
+                idx = (task_ids == t).nonzero().squeeze(1)
+                task_sum = task_sum + F.cross_entropy(self.heads[t](feats[idx]), labels[idx], reduction="sum")
+        else:
+            logits = out.logits[:, :-1].float()
+            target = lm_labels[:, 1:]
+            n_tok = (target != IGNORE_INDEX).sum(1).clamp(min=1)
+            per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+            task_sum = (per_tok.sum(1) / n_tok).sum()  # mean over each example's answer tokens
+        loss = scale * task_sum
+        stats = {"task_loss": task_sum.detach()}
+        if self.discriminators is not None:
+            disc, shared = self.discriminators.losses(mk.pooled_outputs(self.backbone), task_ids)
+            totals = torch.cat([disc.detach(), disc.new_tensor([float(task_ids.numel())])])
+            if reduce is not None:
+                totals = reduce(totals)
+            per_module = totals[:-1] / totals[-1]  # global-batch mean L_D of each module
+            active = (per_module < self.adv_cap).float() if self.adv_cap is not None else torch.ones_like(per_module)
+            m = len(self.discriminators.names)
+            # L_task - lambda * L_D: the discriminators' gradient is reversed inside `disc`
+            loss = loss - self.lambda_adv * scale * (disc.sum() + (active * shared).sum()) / m
+            stats["disc_loss"] = per_module.mean()
+        if self.olora_lambda > 0:
+            loss = loss + self.olora_lambda * orthogonality_loss(self.backbone, int(task_ids[0]))
+        stats["loss"] = loss
+        return stats
