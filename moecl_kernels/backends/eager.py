@@ -61,21 +61,22 @@ class EagerBackend:
         y = F.linear(x, a.weight, a.bias)
         xd = apply_dropout(x, a.dropout_p, a.seed)
         coef = _coef(a, x)
-        h_s = F.linear(xd, a.shared_A)
-        # y += (s * coef_s * h_s) @ B_s^T
-        y.addmm_((h_s.to(acc) * (s * coef[:, :1])).to(x.dtype), a.shared_B.t())
+        if a.single_task >= 0:
+            # one task: shared and task expert as one rank-2r LoRA (one shrink, one addmm into y)
+            k = a.single_task
+            h = F.linear(xd, torch.cat([a.shared_A, a.task_A[k]])).to(acc)  # [T, 2r]
+            g = (h * (s * coef).repeat_interleave(r, dim=1)).to(x.dtype)
+            y.addmm_(g, torch.cat([a.shared_B, a.task_B[k]], dim=1).t())
+            return y, h[:, :r].clone(), h[:, r:].clone(), coef  # outputs must not alias
+        h_s = F.linear(xd, a.shared_A).to(acc)
+        y.addmm_((h_s * (s * coef[:, :1])).to(x.dtype), a.shared_B.t())  # y += s c_s h_s B_s^T
         h_t = torch.zeros(T, r, device=x.device, dtype=acc)
-        for e, idx in _groups(a):
-            if idx is None:
-                he = F.linear(xd, a.task_A[e])
-                h_t.copy_(he)
-                y.addmm_((he.to(acc) * (s * coef[:, 1:])).to(x.dtype), a.task_B[e].t())
-            else:
-                he = F.linear(xd.index_select(0, idx), a.task_A[e])
-                h_t.index_copy_(0, idx, he.to(acc))
-                ge = (he.to(acc) * (s * coef.index_select(0, idx)[:, 1:])).to(x.dtype)
-                y.index_add_(0, idx, F.linear(ge, a.task_B[e]))
-        return y, h_s.to(acc), h_t, coef
+        for e, idx in _groups(a):  # PEFT-style mixed batch: one GEMM pair per task present
+            he = F.linear(xd.index_select(0, idx), a.task_A[e]).to(acc)
+            h_t.index_copy_(0, idx, he)
+            ge = (he * (s * coef.index_select(0, idx)[:, 1:])).to(x.dtype)
+            y.index_add_(0, idx, F.linear(ge, a.task_B[e]))
+        return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
         x, gy, s = a.x, a.grad_y, a.scale
