@@ -188,3 +188,19 @@ def test_routing_on_device_tensor_path():
     y1 = moe_lora_linear(**inp, routing=R, scale=1.0)
     y2 = moe_lora_linear(**inp, routing=R_dev, scale=1.0)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference"])
+def test_frozen_gate_still_routes_dx_through_gate(backend):
+    """W_g frozen (no dW_g wanted): dx must still include the gate's contribution."""
+    inp, g = op_inputs(25, 14, 9, 3, 3, dtype=torch.float64, seed=21)
+    inp["gate_weight"].requires_grad_(False)
+    tt = token_tasks("partial", 25, 3, g)
+    R = build_routing(tt, 3, 25)
+    y = moe_lora_linear(**inp, routing=R, scale=1.5, backend=backend)
+    x_ref = inp["x"].detach().clone().requires_grad_(True)
+    y_ref = moe_lora_reference(**dict(inp, x=x_ref), token_task=tt, scale=1.5)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, [inp["x"]], gy)
+    (dx_ref,) = torch.autograd.grad(y_ref, [x_ref], gy)
+    assert rel_err(dx, dx_ref) <= 1e-10

@@ -84,7 +84,8 @@ class EagerBackend:
         acc = acc_dtype(dt)
         E = a.task_A.shape[0]
         coef, h_s, h_t = a.coef, a.h_s, a.h_t
-        need_gate = a.needs_gate and a.gate_weight is not None
+        # logit gradients: for dW_g, and for dx (the gate sees x) even when W_g is frozen
+        need_gate = a.gate_weight is not None and (a.needs_gate or a.needs_dx)
         any_task_grad = a.needs_task and any(a.trainable(e) for e in range(E))
         need_xd = a.needs_shared or any_task_grad
         xd = apply_dropout(x, a.dropout_p, a.seed) if need_xd else None
@@ -138,7 +139,7 @@ class EagerBackend:
             has = (a.token_task >= 0).unsqueeze(1)
             dlog = beta * (gbeta - (beta * gbeta).sum(1, keepdim=True))
             dlog = torch.where(has, dlog, torch.zeros_like(dlog))
-            dgate = dlog.to(dt).t() @ x  # [2, d_in]
+            dgate = dlog.to(dt).t() @ x if a.needs_gate else None  # [2, d_in]
             if a.needs_dx:
                 dx.add_(F.linear(dlog.to(dt), a.gate_weight.t()))
         return dx, dA_s, dB_s, dA, dB, dgate

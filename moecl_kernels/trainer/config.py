@@ -29,7 +29,7 @@ class ModelConfig:
     name_or_path: str = "tiny-llama"
     tokenizer: Optional[str] = None  # default: the model directory; "builtin" for the built-in tokenizer
     dtype: str = "float32"  # float32 | bfloat16 | float16 (LoRA math accumulates in fp32)
-    target_modules: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    target_modules: Any = None  # None = the FFN projections (gate/up/down_proj or BERT intermediate/output)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -41,7 +41,7 @@ class SyntheticConfig:
     num_tasks: int = 4
     num_classes: int = 2
     num_words: int = 16  # content vocabulary
-    length: int = 9  # content words per input
+    length: int = 8  # content words per input (inputs with a tied majority are redrawn)
     train_size: int = 400
     dev_size: int = 100
     test_size: int = 200
@@ -75,8 +75,6 @@ class TrainConfig:
     max_steps_per_task: Optional[int] = None  # cap (tests, smoke runs)
     keep_best: bool = True  # keep the best-on-dev checkpoint of each task (dev checked every epoch)
     checkpoint_every: int = 50  # steps; 0 = only after each task
-    max_new_tokens: int = 8  # generative evaluation
-    fsdp: bool = False  # shard the backbone (multi-process runs of models that do not fit)
 
 
 @dataclass

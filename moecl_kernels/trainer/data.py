@@ -225,6 +225,9 @@ def load_mtl5(root: Union[str, Path], order: Union[int, str, Sequence[str]] = 1,
         else:
             train, dev = _split_train_dev(train_all, dev_per_class, train_per_class, rng)
         test = sample_per_class(read(d / f"test{ext}"), test_per_class, rng)
+        for split, items in (("train", train), ("dev", dev), ("test", test)):
+            if not items:
+                raise ValueError(f"dataset {name!r} ({d}) has no {split} examples (after holding out the dev split)")
         tasks.append(TaskData(name, list(labels), MTL5_INSTRUCTIONS[name], train, dev, test))
     return tasks
 
@@ -253,7 +256,7 @@ def synthetic_vocabulary(num_words: int, num_tasks: int, num_classes: int) -> li
             + list(SYNTHETIC_CLASS_WORDS[:num_classes]) + ["answer"])
 
 
-def synthetic_tasks(num_tasks: int = 4, num_classes: int = 2, num_words: int = 16, length: int = 9,
+def synthetic_tasks(num_tasks: int = 4, num_classes: int = 2, num_words: int = 16, length: int = 8,
                     train_size: int = 400, dev_size: int = 100, test_size: int = 200, seed: int = 1234) -> list[TaskData]:
     """Conflicting tasks over one input distribution (task-incremental setting).
 

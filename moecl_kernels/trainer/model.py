@@ -149,7 +149,11 @@ class ContinualModel(nn.Module):
             if not chosen:
                 raise ValueError(f"method.disc_modules={disc_modules} matches no injected module; modules: {list(layers)[:6]}")
             self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks)
-            mk.collect_pooled(backbone, True, chosen)
+
+    def _collect_pooled(self, enabled: bool) -> None:
+        """Store p_n in forwards (training with discriminators); off for evaluation."""
+        if self.discriminators is not None:
+            mk.collect_pooled(self.backbone, enabled, self.discriminators.names if enabled else None)
 
     # ---------------------------------------------------------------- trainability / state
     def set_task(self, task: int) -> None:
@@ -194,6 +198,7 @@ class ContinualModel(nn.Module):
         (= world size / global batch size, so that data-parallel gradient averaging gives
         the global-batch mean); ``reduce`` all-reduces (sums) a tensor across processes."""
         route = self.spec.route(task_ids, "train")
+        self._collect_pooled(True)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, task_ids=route)
         if self.mode == "classification":
             feats = self.features(out.last_hidden_state, attention_mask)
@@ -225,3 +230,30 @@ class ContinualModel(nn.Module):
             loss = loss + self.olora_lambda * orthogonality_loss(self.backbone, int(task_ids[0]))
         stats["loss"] = loss
         return stats
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def count_correct(self, batch: dict[str, Tensor], phase: str) -> int:
+        """Classification: correct predictions of the batch's per-task heads."""
+        task_ids, mask = batch["task_ids"], batch["attention_mask"]
+        self._collect_pooled(False)
+        out = self.backbone(input_ids=batch["input_ids"], attention_mask=mask, task_ids=self.spec.route(task_ids, phase))
+        feats = self.features(out.last_hidden_state, mask)
+        correct = 0
+        for t in task_ids.unique().tolist():
+            idx = (task_ids == t).nonzero().squeeze(1)
+            correct += int((self.heads[t](feats[idx]).argmax(-1) == batch["labels"][idx]).sum())
+        return correct
+
+    @torch.no_grad()
+    def count_exact_match(self, prompts: dict[str, Tensor], answers: list[list[int]], phase: str, pad_id: int,
+                          eos_id: int) -> int:
+        """Generative: greedy answers that equal the gold answer tokens (eos included)."""
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
+        route = self.spec.route(prompts["task_ids"], phase)
+        self._collect_pooled(False)
+        with mk.use_tasks(self.backbone, route, attention_mask=mask):
+            gen = self.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, answers)),
+                                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+        new = gen[:, ids.shape[1]:].tolist()
+        return sum(int(g[:len(a)] == a) for g, a in zip(new, answers))

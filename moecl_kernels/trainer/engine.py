@@ -1,0 +1,318 @@
+"""The continual-training loop: for each method, for each task k in order: train
+``set_trainable(task=k)`` parameters (keeping the best-on-dev state), then test every
+task to fill row k of the accuracy matrix R; finally ACC/BWT/FWT and the reports.
+
+Determinism and resume: the data order of (task, epoch) comes from a generator seeded
+by (seed, task, epoch); every other random draw (init, LoRA dropout seeds) comes from
+the torch RNG, whose state is checkpointed. A checkpoint holds the trainable
+parameters, the optimizer and scheduler, the best-on-dev snapshot, the position
+(task, epoch, step) and the results so far, so a resumed run replays exactly the
+steps an uninterrupted one takes.
+
+Data parallel: each global batch is split over the processes (``indices[rank::world]``);
+per-example losses are summed and scaled by world / global batch, so gradient
+averaging gives the global-batch mean and the numbers match a single-process run with
+the same ``train.batch_size`` (up to float reduction order and LoRA dropout masks,
+which depend on each process's token layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import moecl_kernels as mk
+
+from .batching import Encoded, Encoder, collate, collate_prompts
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .config import RunConfig
+from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .methods import METHODS, MethodSpec, merge_expert
+from .metrics import cl_metrics
+from .model import (ENCODER_TYPES, TINY_MODELS, ContinualModel, build_backbone, build_tokenizer, default_target_modules,
+                    is_encoder)
+from .report import machine_info, write_comparison, write_method_report
+
+log = logging.getLogger("moecl_kernels.trainer")
+
+
+@dataclass
+class Prepared:
+    """Tasks and their token ids, shared by every method of a run."""
+
+    tasks: list[TaskData]
+    tokenizer: Any
+    encoder: Encoder
+    train: list[list[Encoded]]
+    dev: list[list[Encoded]]
+    test: list[list[Encoded]]
+
+
+def _model_is_encoder(name_or_path: str) -> bool:
+    if name_or_path in TINY_MODELS:
+        return name_or_path == "tiny-bert"
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(name_or_path), "model_type", "") in ENCODER_TYPES
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    d = cfg.data
+    if d.benchmark == "synthetic":
+        s = d.synthetic
+        tasks = synthetic_tasks(**dataclasses.asdict(s))
+        words = synthetic_vocabulary(s.num_words, s.num_tasks, s.num_classes)
+    else:
+        tasks = load_mtl5(d.root, d.order, d.layout, d.train_per_class, d.dev_per_class, d.test_per_class, cfg.seed)
+        words = []
+    tok = build_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer, words)
+    enc = Encoder(tok, cfg.train.mode, _model_is_encoder(cfg.model.name_or_path), d.max_length)
+
+    def encode(split: str) -> list[list[Encoded]]:
+        return [[enc.encode(t, k, e) for e in getattr(t, split)] for k, t in enumerate(tasks)]
+
+    for t in tasks:
+        for split in ("train", "dev", "test"):
+            if not getattr(t, split):
+                raise ValueError(f"task {t.name!r} has no {split} examples")
+    return Prepared(tasks, tok, enc, encode("train"), encode("dev"), encode("test"))
+
+
+def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.device) -> ContinualModel:
+    m = cfg.model
+    tok = prep.tokenizer
+    special = {"pad_token_id": getattr(tok, "pad_token_id", None), "bos_token_id": getattr(tok, "bos_token_id", None),
+               "eos_token_id": getattr(tok, "eos_token_id", None)}
+    backbone = build_backbone(m.name_or_path, cfg.train.mode == "generative", len(tok), cfg.data.max_length, m.dtype, special)
+    targets = m.target_modules if m.target_modules else default_target_modules(backbone)
+    num_tasks = len(prep.tasks)
+    mk.inject(backbone, target_modules=targets, num_tasks=spec.num_experts(num_tasks), r=m.r, alpha=m.alpha,
+              dropout=m.dropout, gate=spec.gate, backend=m.backend)
+    model = ContinualModel(
+        backbone, spec, [t.num_classes for t in prep.tasks], cfg.train.mode,
+        pooling="first" if is_encoder(backbone) else "last", lambda_adv=cfg.method.lambda_adv,
+        adv_cap=cfg.method.adv_cap, disc_modules=cfg.method.disc_modules, olora_lambda=cfg.method.olora_lambda,
+    )
+    return model.to(device)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(model: ContinualModel, items: list[Encoded], phase: str, cfg: RunConfig, prep: Prepared,
+             info: DistInfo) -> float:
+    """Accuracy (classification) or exact match (generative) over ``items``, sharded over processes."""
+    model.eval()
+    shard = items[info.rank::info.world_size]
+    correct = 0
+    bs = cfg.train.eval_batch_size
+    enc = prep.encoder
+    for i in range(0, len(shard), bs):
+        chunk = shard[i:i + bs]
+        if cfg.train.mode == "classification":
+            correct += model.count_correct(_to(collate(chunk, enc.pad_id, "classification"), info.device), phase)
+        else:
+            prompts, answers = collate_prompts(chunk, enc.pad_id)
+            correct += model.count_exact_match(_to(prompts, info.device), answers, phase, enc.pad_id, enc.eos_id)
+    totals = all_reduce_sum(torch.tensor([float(correct), float(len(shard))], device=info.device), info)
+    return float(totals[0] / totals[1])
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, task: int, epoch: int, world: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + task * 1_009 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) >= world]  # every process needs at least one example
+
+
+def _lr_lambda(kind: str, total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        return 1.0
+
+    return f
+
+
+def _fresh_task_state() -> dict[str, Any]:
+    return {"epoch": 0, "step": 0, "task_step": 0, "last_eval": -1, "best": None, "best_score": None,
+            "optimizer": None, "scheduler": None, "dev_history": []}
+
+
+class MethodRun:
+    """One method's continual run over the task sequence (resumable)."""
+
+    def __init__(self, cfg: RunConfig, name: str, prep: Prepared, info: DistInfo) -> None:
+        self.cfg, self.name, self.prep, self.info = cfg, name, prep, info
+        self.spec = METHODS[name]
+        self.out_dir = cfg.run_dir / name
+        self.ckpt_path = self.out_dir / CHECKPOINT_NAME
+        self.fingerprint = f"{cfg.fingerprint()}:{name}"
+        self.global_step = 0
+        self.state: dict[str, Any] = {}
+        self.model: Optional[ContinualModel] = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, elapsed: float) -> None:
+        if self.info.is_main:
+            payload = {
+                "fingerprint": self.fingerprint, "method": self.name, "global_step": self.global_step,
+                "elapsed": elapsed, "state": self.state, "rng": rng_state(),
+                "model": {k: v.detach().cpu() for k, v in self.model.adapter_state().items()},
+            }
+            save_checkpoint(self.ckpt_path, payload)
+        barrier(self.info)
+
+    def _restore(self, ckpt: dict[str, Any]) -> float:
+        self.model.load_adapter_state(ckpt["model"])
+        self.state = ckpt["state"]
+        self.global_step = ckpt["global_step"]
+        if self.spec.olora:  # earlier tasks' LoRAs were merged into the base weights
+            for j in range(self.state["task"]):
+                merge_expert(self.model.backbone, j)
+        set_rng_state(ckpt["rng"])
+        log.info("%s: resumed at task %d, epoch %d, step %d", self.name, self.state["task"] + 1,
+                 self.state["epoch"] + 1, self.state["step"])
+        return float(ckpt["elapsed"])
+
+    # ------------------------------------------------------------------ main
+    def run(self, resume: bool) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        report = self.out_dir / "report.json"
+        if resume and report.is_file():
+            done = json.loads(report.read_text())
+            if done.get("fingerprint") == self.fingerprint:
+                log.info("%s: already finished (%s)", self.name, report)
+                return done
+        ckpt = load_checkpoint(self.ckpt_path, self.fingerprint) if resume else None
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg, self.spec, self.prep, info.device)
+        self.state = {"task": 0, "R": [], "baseline": None, **_fresh_task_state()}
+        elapsed = self._restore(ckpt) if ckpt is not None else 0.0
+        t0 = time.perf_counter() - elapsed
+        tests = self.prep.test
+        if self.state["baseline"] is None:
+            self.state["baseline"] = [evaluate(self.model, tests[j], "test", cfg, self.prep, info) for j in range(len(tests))]
+        for k in range(self.state["task"], len(self.prep.tasks)):
+            self._train_task(k, t0)
+            row = [evaluate(self.model, tests[j], "test", cfg, self.prep, info) for j in range(len(tests))]
+            self.state["R"].append(row)
+            log.info("%s: after task %d (%s): test accuracy %s", self.name, k + 1, self.prep.tasks[k].name,
+                     " ".join(f"{100 * a:.1f}" for a in row))
+            self.state.update(task=k + 1, **_fresh_task_state())
+            self._save(time.perf_counter() - t0)
+        result = self._result(time.perf_counter() - t0)
+        if info.is_main:
+            write_method_report(self.out_dir, result)
+            mk.save(self.model.backbone, self.out_dir / "adapter")
+        barrier(info)
+        return result
+
+    def _result(self, wall: float) -> dict[str, Any]:
+        cfg = self.cfg
+        R, b = self.state["R"], self.state["baseline"]
+        return {
+            "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "seed": cfg.seed,
+            "tasks": [t.name for t in self.prep.tasks], "R": R, "baseline": b, "metrics": cl_metrics(R, b),
+            "wall_time_s": wall, "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,
+            "config": cfg.to_dict(),
+        }
+
+    def _train_task(self, k: int, t0: float) -> None:
+        cfg, info, st, model = self.cfg, self.info, self.state, self.model
+        tc = cfg.train
+        model.set_task(k)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        items = self.prep.train[k]
+        per_epoch = len(_epoch_batches(len(items), tc.batch_size, cfg.seed, k, 0, info.world_size))
+        total = tc.epochs * per_epoch
+        if tc.max_steps_per_task:
+            total = min(total, tc.max_steps_per_task)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.scheduler, total, int(tc.warmup_ratio * total)))
+        if st["optimizer"] is not None:
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+        ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if info.enabled else model
+        reduce = (lambda t: all_reduce_sum(t, info)) if info.enabled else None
+        bar = tqdm(total=total, initial=st["task_step"], desc=f"{self.name} task {k + 1}/{len(self.prep.tasks)}",
+                   disable=None if info.is_main else True, leave=False, dynamic_ncols=True)
+        while True:
+            batches = _epoch_batches(len(items), tc.batch_size, cfg.seed, k, st["epoch"], info.world_size)
+            model.train()
+            while st["step"] < len(batches) and st["task_step"] < total:
+                idx = batches[st["step"]]
+                batch = _to(collate([items[i] for i in idx[info.rank::info.world_size]], self.prep.encoder.pad_id,
+                                    tc.mode), info.device)
+                out = ddp(**batch, scale=info.world_size / len(idx), reduce=reduce)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                opt.step()
+                sched.step()
+                st["step"] += 1
+                st["task_step"] += 1
+                self.global_step += 1
+                bar.update(1)
+                post = {"loss": f"{float(out['task_loss']) / batch['labels'].numel():.3f}"}
+                if "disc_loss" in out:
+                    post["L_D"] = f"{float(out['disc_loss']):.3f}"
+                bar.set_postfix(post)
+                if tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
+                    st["optimizer"], st["scheduler"] = opt.state_dict(), sched.state_dict()
+                    self._save(time.perf_counter() - t0)
+            if st["last_eval"] != st["task_step"]:  # end of an epoch or of the task: check dev
+                self._dev_check(k, params)
+                model.train()
+            if st["task_step"] >= total:
+                break
+            st["epoch"] += 1
+            st["step"] = 0
+        bar.close()
+        if tc.keep_best and st["best"] is not None:
+            with torch.no_grad():
+                for p, b in zip(params, st["best"]):
+                    p.copy_(b.to(p.device))
+        if self.spec.olora:
+            merge_expert(model.backbone, k)
+
+    def _dev_check(self, k: int, params: list[torch.Tensor]) -> None:
+        st = self.state
+        score = evaluate(self.model, self.prep.dev[k], "train", self.cfg, self.prep, self.info)
+        st["last_eval"] = st["task_step"]
+        st["dev_history"].append({"task": k, "step": st["task_step"], "dev": score})
+        improved = st["best_score"] is None or score > st["best_score"]
+        if improved and self.cfg.train.keep_best:
+            st["best_score"] = score
+            st["best"] = [p.detach().cpu().clone() for p in params]
+        log.info("%s: task %d step %d: dev %.1f%%%s", self.name, k + 1, st["task_step"], 100 * score,
+                 " (best)" if improved else "")
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Run every method of ``cfg`` (a comparison table when there are several); returns
+    the per-method results. Works single-process and under torchrun / accelerate."""
+    info = init_distributed()
+    try:
+        prep = prepare(cfg)
+        results = {name: MethodRun(cfg, name, prep, info).run(resume) for name in cfg.methods}
+        if info.is_main:
+            table = write_comparison(cfg.run_dir, results)
+            log.info("results in %s\n%s", cfg.run_dir, table)
+        return results
+    finally:
+        shutdown(info)
