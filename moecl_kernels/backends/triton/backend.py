@@ -5,7 +5,10 @@ Forward (3 launches; +1 with split-K):
     expand     -> y = b + gated LoRA     one write of y
     y.addmm_(x, W^T)                     cuBLAS base GEMM accumulating on top (beta = 1)
   or, with ``expand="fused"``, the expand kernel runs the base GEMM itself with the LoRA
-  tile as its accumulator's start value (one write of y, no cuBLAS).
+  tile as its accumulator's start value (one write of y, no cuBLAS) -- except for mixed
+  decode batches (T <= 64), whose per-expert token blocks would each stream all of W.
+Decode (T <= 64): the shrink splits K across programs (fp32 partials + a finalize
+kernel) so that a handful of tokens still spreads the weight reads over the SMs.
 Backward:
     shrink(gy) -> dh_s, dh_t, dlogits    gy read once for both experts
     expand     -> dx = keep*(dh_s A_s + dh_t A_t)/(1-p) + dlog W_g, then dx.addmm_(gy, W)
@@ -23,7 +26,8 @@ available when this was written. Select with ``MOECL_TRITON_EXPAND=addmm|fused``
 
 No host syncs: routing runs on the device (``kernels._block_of``), the grids are sized
 from host-side shapes only, and ``single_task`` is a host hint. Everything is CUDA-graph
-capturable once the kernels are compiled (and, if enabled, autotuned).
+capturable once warmed up: kernels compiled (and, if enabled, autotuned) and the device
+copy of each ``expert_trainable`` pattern cached (its first use copies it to the device).
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from ...ops.dropout import MASK32, SEED_XOR, threshold24
 from ..base import SINGLE_MIXED, BwdArgs, FwdArgs, acc_dtype
+from . import configs
 from . import kernels as K
 from .configs import Tile, TileTable
 
@@ -46,7 +52,7 @@ EXPAND_ENV = "MOECL_TRITON_EXPAND"
 EXPAND_MODES = ("addmm", "fused")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton picks the interpreter when a kernel is *defined*; record how ours were built.
-INTERPRETED = isinstance(K._shrink_kernel, triton.runtime.interpreter.InterpretedFunction)
+INTERPRETED = isinstance(K._shrink_kernel, InterpretedFunction)
 
 
 def _pow2(n: int, lo: int) -> int:
@@ -192,12 +198,13 @@ class TritonBackend:
         )
         y = x.new_empty((T, d_out))
         W, B_s, tB = a.weight, a.shared_B, a.task_B
+        fused = self._fuse_base(route)
         self._expand(
             y, route, _NO_DROPOUT, (h_s, h_t), coef,
             (B_s, B_s.stride(1), B_s.stride(0)), (tB, tB.stride(0), tB.stride(2), tB.stride(1)),
-            bias=a.bias, gate_term=None, base=(x, W, W.stride(1), W.stride(0)), scale=a.scale,
+            bias=a.bias, gate_term=None, base=(x, W, W.stride(1), W.stride(0)) if fused else None, scale=a.scale,
         )
-        if self.expand == "addmm":
+        if not fused:
             y.addmm_(x, W.t())
         return y, h_s, h_t, coef
 
@@ -226,13 +233,14 @@ class TritonBackend:
         if a.needs_dx:
             dx = torch.empty_like(x, memory_format=torch.contiguous_format)
             A_s, tA, Wg = a.shared_A, a.task_A, a.gate_weight
+            fused = self._fuse_base(route)
             self._expand(
                 dx, route, drop, (dh_s, dh_t), None,
                 (A_s, A_s.stride(0), A_s.stride(1)), (tA, tA.stride(0), tA.stride(1), tA.stride(2)),
                 bias=None, gate_term=(dlog, Wg) if need_dlog else None,
-                base=(gy, W, W.stride(0), W.stride(1)), scale=1.0,
+                base=(gy, W, W.stride(0), W.stride(1)) if fused else None, scale=1.0,
             )
-            if self.expand == "addmm":
+            if not fused:
                 dx.addmm_(gy, W)
 
         train = trainable if route.task else []
@@ -255,6 +263,12 @@ class TritonBackend:
 
     # -----------------------------------------------------------------------------------------
     # stages
+
+    def _fuse_base(self, route: _Route) -> bool:
+        """Run the base GEMM inside the expand kernel? Only in ``fused`` mode, and never for
+        grouped decode batches: their token blocks are per expert, so a fused base GEMM would
+        stream W once per expert present where cuBLAS streams it once."""
+        return self.expand == "fused" and (route.mode == K.ROUTE_SINGLE.value or route.T > configs.DECODE_T)
 
     def _shrink(self, mode, route: _Route, drop: _Dropout, X: Tensor, ms, mt, gw, outs, r: int, scale: float, *,
                 gate: bool):
@@ -289,20 +303,20 @@ class TritonBackend:
 
     def _expand(self, out: Tensor, route: _Route, drop: _Dropout, p, coef: Optional[Tensor], ns, nt, *,
                 bias: Optional[Tensor], gate_term, base, scale: float):
-        """out = keep?(P_s N_s + P_t N_t) (+ gate term) (+ bias) (+ base GEMM when fused).
+        """out = keep?(P_s N_s + P_t N_t) (+ dlog W_g) (+ bias) (+ X WB, the base GEMM).
 
-        ``coef`` given: P rows are scaled by ``scale * coef`` (forward). ``base`` =
-        (X, W, stride_k, stride_n) of the base GEMM, used by the fused expand."""
+        ``coef`` given: P rows are scaled by ``scale * coef`` (forward). ``gate_term`` =
+        (dlog, W_g); ``base`` = (X, WB, stride_k, stride_n) of the base GEMM to fuse, or None."""
         T, N = out.shape
         if T == 0:
             return
         r = p[0].shape[1]
         R_PAD = _pow2(r, 16)
-        fused = self.expand == "fused"
-        X, WB, s_wk, s_wn = base
+        fused = base is not None
+        X, WB, s_wk, s_wn = base if fused else (p[0], p[0], 0, 0)
         Kd = X.shape[1]
-        dlog, gw = gate_term if gate_term is not None else (coef if coef is not None else p[0], None)
-        gw_args = (gw, gw.stride(0), gw.stride(1)) if gw is not None else (out, 0, 0)
+        dlog, gw = gate_term if gate_term is not None else (p[0], None)
+        gw_args = (gw, gw.stride(0), gw.stride(1)) if gw is not None else (p[0], 0, 0)
         kernel = "fused" if fused else "expand"
         key = (out.dtype, route.mode, triton.next_power_of_2(T), N, Kd if fused else 0, R_PAD,
                gate_term is not None, drop.enabled)

@@ -58,8 +58,11 @@ class Tile:
     num_stages: int = 2
 
 
+DECODE_T = 64  # token counts up to this take the decode path (split-K shrink, cuBLAS base GEMM)
+
+
 def _bucket(T: int, r: int) -> tuple[str, str]:
-    t = "decode" if T <= 64 else "small" if T <= 1024 else "large"
+    t = "decode" if T <= DECODE_T else "small" if T <= 1024 else "large"
     return t, "lo" if r <= 32 else "hi"
 
 
@@ -89,7 +92,7 @@ _SM90 = _table(
                fused=T(block_t=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
                wgrad=T(chunk=512, block_t=64, block_n=128, num_stages=3)),
     hi=dict(shrink=dict(block_k=64, num_warps=8), wgrad=dict(block_n=64, num_warps=8),
-            fused=dict(block_n=128)),
+            fused=dict(block_t=64, block_n=128)),
 )
 _SM80 = _table(
     decode=dict(shrink=T(block_t=16, block_k=128, split_k=0, num_stages=3),
@@ -104,7 +107,8 @@ _SM80 = _table(
                expand=T(block_t=64, block_n=128),
                fused=T(block_t=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
                wgrad=T(chunk=512, block_t=32, block_n=128, num_stages=3)),
-    hi=dict(shrink=dict(block_k=32, num_warps=8), wgrad=dict(block_n=64, num_warps=8)),
+    hi=dict(shrink=dict(block_k=32, num_warps=8), wgrad=dict(block_n=64, num_warps=8),
+            fused=dict(block_t=64)),
 )
 _INTERPRETER = {
     (k, tb, rb): T(block_t=16, block_n=16, block_k=16, split_k=1, chunk=32, group=2)

@@ -1,7 +1,7 @@
 """Triton kernels of the fused MoE-LoRA op.
 
-Four kernels do all the work, each written once and used by both passes through its
-``constexpr`` switches (``launch.py`` wires them up):
+Three kernels do the work, each written once and used by both passes through its
+``constexpr`` switches, plus two small reductions (``backend.py`` launches them):
 
 ``_shrink_kernel``   [T, K] x (shared, routed) [K, r]  (+ gate logits)   -> rank-r rows
     forward:  x  -> h_s, h_t, coef      (dropout in-kernel, gate softmax in the epilogue)
@@ -86,10 +86,10 @@ def _keep(keys, cols, thr):
 
 
 @triton.jit
-def _dropout(z, keys, cols, thr, inv_keep):
-    """``z * keep / (1 - p)`` in z's dtype (fp32 arithmetic)."""
-    keep = _keep(keys, cols, thr)
-    return tl.where(keep, z.to(tl.float32) * inv_keep, 0.0).to(z.dtype)
+def _drop(z, keys, cols, thr):
+    """``z * keep`` (exact in z's dtype); callers apply the 1 / (1 - p) scale to their fp32
+    accumulators, which saves a rounding of the scaled input to z's dtype."""
+    return tl.where(_keep(keys, cols, thr), z, 0.0).to(z.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def _shrink_kernel(
                          mask=km[:, None] & (gj < 2)[None, :], other=0.0)
             acc_g = tl.dot(x, gw, acc_g, input_precision=PREC)
         if DROPOUT:
-            x = _dropout(x, keys, kk, thr, inv_keep)
+            x = _drop(x, keys, kk, thr)
         ms = tl.load(MS + kk[:, None] * stride_ms_k + j[None, :] * stride_ms_r, mask=km[:, None] & jm[None, :],
                      other=0.0)
         acc_s = tl.dot(x, ms, acc_s, input_precision=PREC)
@@ -276,6 +276,9 @@ def _shrink_kernel(
             mt = tl.load(MT + ex * stride_mt_e + kk[:, None] * stride_mt_k + j[None, :] * stride_mt_r,
                          mask=km[:, None] & jm_t[None, :], other=0.0)
             acc_t = tl.dot(x, mt, acc_t, input_precision=PREC)
+    if DROPOUT:
+        acc_s *= inv_keep
+        acc_t *= inv_keep
 
     l0 = tl.sum(tl.where(gj[None, :] == 0, acc_g, 0.0), 1)
     l1 = tl.sum(tl.where(gj[None, :] == 1, acc_g, 0.0), 1)
@@ -450,13 +453,16 @@ def _wgrad_kernel(
             dl = tl.load(DLOG + rr[:, None] * 2 + gj[None, :], mask=valid[:, None] & (gj < 2)[None, :], other=0.0)
             acc_g = tl.dot(tl.trans(dl.to(z.dtype)), z, acc_g, input_precision=PREC)
         if DROPOUT:
-            z = _dropout(z, _row_keys(rows, seed), n, thr, inv_keep)
+            z = _drop(z, _row_keys(rows, seed), n, thr)
         if DO_SHARED:
             ps = _load_rank(PS, COEF, rows, valid, j, r, scale, 0, ROW_SCALE)
             acc_s = tl.dot(tl.trans(ps.to(z.dtype)), z, acc_s, input_precision=PREC)
         if slot_t >= 0:
             pt = _load_rank(PT, COEF, rows, valid, j, r, scale, 1, ROW_SCALE)
             acc_t = tl.dot(tl.trans(pt.to(z.dtype)), z, acc_t, input_precision=PREC)
+    if DROPOUT:
+        acc_s *= inv_keep
+        acc_t *= inv_keep
 
     m_r = (j < r)[:, None] & nm[None, :]
     m_g = (gj < 2)[:, None] & nm[None, :]
@@ -497,7 +503,7 @@ def _wgrad_reduce_kernel(
     first = 0
     count = n_slots
     if ROUTE == ROUTE_GROUPED:
-        g, lo, hi, nb, firsts = _group_schedule(offsets_ptr, T, E, CHUNK, G_PAD)
+        g, _lo, _hi, nb, firsts = _group_schedule(offsets_ptr, T, E, CHUNK, G_PAD)
         if PER_EXPERT:
             first = tl.sum(tl.where(g == e, firsts, 0), 0)
             count = tl.sum(tl.where(g == e, nb, 0), 0)

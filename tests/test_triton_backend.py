@@ -1,0 +1,539 @@
+"""Tests of the ``triton`` backend against the float64 reference.
+
+CPU: every kernel runs under the Triton interpreter. Triton decides *when a kernel is
+defined* whether it is interpreted, so this module sets ``TRITON_INTERPRET=1`` at its
+top, before triton or the backend is imported -- on machines without CUDA only, so the
+GPU section below runs compiled kernels. If another module of the same pytest process
+imported the Triton backend first, the CPU tests skip with a message saying so: run
+this module on its own (``python -m pytest tests/test_triton_backend.py``) or export
+``TRITON_INTERPRET=1``.
+
+Standards (SPEC + team rules): fresh random inputs per test, outputs poisoned (every
+``torch.empty`` NaN-filled) before kernels write them, odd sizes, r = 1, T = 1, single /
+mixed / skewed / no-task routing, dropout, gate on and off. A result in dtype ``dt`` may
+be at most 2x as far from the float64 reference as the eager backend's result in ``dt``
+(fp32: at most 1e-5 relative). Markers: ``gpu`` (needs CUDA), ``slow`` (> 20 s).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see module docstring)
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from helpers import op_inputs, rel_err, token_tasks  # noqa: E402
+
+from moecl_kernels import backends as bk  # noqa: E402
+from moecl_kernels.backends.base import SINGLE_MIXED, BwdArgs, FwdArgs  # noqa: E402
+from moecl_kernels.backends.eager import EagerBackend  # noqa: E402
+from moecl_kernels.ops import dropout as D  # noqa: E402
+from moecl_kernels.ops.op import moe_lora_fwd, moe_lora_linear  # noqa: E402
+from moecl_kernels.ops.reference import moe_lora_reference  # noqa: E402
+from moecl_kernels.routing import Routing, build_routing  # noqa: E402
+
+tb = pytest.importorskip("moecl_kernels.backends.triton.backend")
+from moecl_kernels.backends.triton import Tile, TileTable, TritonBackend, configs, kernels  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and not tb.INTERPRETED
+needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() or not tb.INTERPRETED,
+    reason="CPU tests need the Triton interpreter: TRITON_INTERPRET=1 before triton is imported "
+    "(run this module in its own process)",
+)
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (compiled Triton kernels)")
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """Every torch.empty (kernel outputs, workspaces) starts as NaN / INT_MAX."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass(frozen=True)
+class Case:
+    T: int = 37
+    d_in: int = 29
+    d_out: int = 23
+    r: int = 5
+    E: int = 3
+    routing: str = "partial"  # helpers.ROUTINGS, or single_grouped: one task but no host hint
+    gate: bool = True
+    bias: bool = True
+    p: float = 0.1
+    scale: float = 2.0
+
+    def __str__(self):
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return "-".join(f"{k}={v}" for k, v in d.items() if v != getattr(Case, k)) or "default"
+
+
+@dataclass
+class Inputs:
+    c: Case
+    x64: dict  # float64 copies of the dtype inputs (the reference's inputs)
+    x: dict  # the op inputs in dtype on the device
+    tt: torch.Tensor
+    ro: Routing
+    gy64: torch.Tensor
+    gy: torch.Tensor
+    seed: int
+
+
+def make_inputs(c: Case, dtype, device="cpu", seed: Optional[int] = None) -> Inputs:
+    """Fresh random inputs (a new seed per call unless given)."""
+    seed = int(torch.randint(0, 2**31, (1,))) if seed is None else seed
+    inp, g = op_inputs(c.T, c.d_in, c.d_out, c.r, c.E, dtype=dtype, bias=c.bias, gate=c.gate, seed=seed,
+                       device=device)
+    x = {k: (v.detach() if v is not None else None) for k, v in inp.items()}
+    x64 = {k: (v.double().cpu() if v is not None else None) for k, v in x.items()}
+    tt = token_tasks("single" if c.routing == "single_grouped" else c.routing, c.T, c.E, g)
+    ro = build_routing(tt, c.E, c.T, device=device)
+    if c.routing == "single_grouped":  # exercises the grouped path with one expert
+        ro.single_task, ro.offsets_cpu = SINGLE_MIXED, None
+    gy = torch.randn(c.T, c.d_out, generator=g, dtype=torch.float64).to(dtype)
+    return Inputs(c, x64, x, tt, ro, gy.double(), gy.to(device), int(torch.randint(0, 2**32, (1,), generator=g)))
+
+
+def fwd_args(inp: Inputs) -> FwdArgs:
+    ro = inp.ro
+    return FwdArgs(**inp.x, token_task=ro.token_task, sorted_idx=ro.sorted_idx, expert_offsets=ro.expert_offsets,
+                   offsets_cpu=ro.offsets_cpu, single_task=ro.single_task, scale=inp.c.scale,
+                   dropout_p=inp.c.p, seed=inp.seed)
+
+
+def bwd_args(inp: Inputs, saved, **kw) -> BwdArgs:
+    return BwdArgs(**fwd_args(inp).__dict__, grad_y=inp.gy, h_s=saved[1], h_t=saved[2], coef=saved[3], **kw)
+
+
+def reference(inp: Inputs) -> dict:
+    """float64 forward outputs, saved tensors (base.py semantics) and gradients."""
+    c, m = inp.c, inp.x64
+    leaf = {k: (v.clone().requires_grad_(k not in ("weight", "bias")) if v is not None else None) for k, v in m.items()}
+    y = moe_lora_reference(**leaf, token_task=inp.tt, scale=c.scale, dropout_p=c.p, seed=inp.seed)
+    y.backward(inp.gy64)
+    out = dict(y=y.detach())
+    xd = D.apply_dropout(m["x"], c.p, inp.seed)
+    has = (inp.tt >= 0)[:, None]
+    out["h_s"] = xd @ m["shared_A"].T
+    out["h_t"] = torch.einsum("ti,tri->tr", xd, m["task_A"][inp.tt.clamp(min=0)]) * has
+    beta = torch.softmax(m["x"] @ m["gate_weight"].T, -1) if c.gate else torch.ones(c.T, 2, dtype=torch.float64)
+    out["coef"] = torch.where(has, beta, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    for name, k in zip(GRADS, ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")):
+        out[name] = leaf[k].grad if leaf[k] is not None else None
+    return out
+
+
+def run(backend, inp: Inputs, **bwd_kw) -> dict:
+    saved = backend.forward(fwd_args(inp))
+    grads = backend.backward(bwd_args(inp, saved, **bwd_kw))
+    return dict(zip(("y", "h_s", "h_t", "coef"), saved)) | dict(zip(GRADS, grads))
+
+
+def check(got: dict, eager: dict, ref: dict, dtype, names=None, what=""):
+    """Every output finite and within the accuracy contract (module docstring)."""
+    for k in names or ref:
+        if ref[k] is None:
+            assert got[k] is None, f"{what}{k}: expected None"
+            continue
+        assert got[k] is not None, f"{what}{k}: missing"
+        assert torch.isfinite(got[k]).all(), f"{what}{k}: non-finite values (unwritten output?)"
+        e = rel_err(got[k].cpu(), ref[k])
+        if dtype == torch.float32:
+            tol = 1e-5
+        else:
+            tol = max(2 * rel_err(eager[k].cpu(), ref[k]), EPS[dtype] / 8)
+        assert e <= tol, f"{what}{k}: relative error {e:.3g} > {tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter matrix
+
+MATRIX = [
+    Case(),
+    Case(routing="single"),
+    Case(routing="single_grouped"),
+    Case(routing="skewed", T=40),
+    Case(routing="none"),
+    Case(routing="mixed", E=4),
+    Case(routing="partial", T=20, E=8),  # experts without tokens
+    Case(gate=False, bias=False, p=0.0),
+    Case(gate=False, routing="single", p=0.0),
+    Case(r=1),
+    Case(T=1, routing="single"),
+    Case(T=1, routing="none", gate=False),
+    Case(T=32, d_in=32, d_out=48, r=8, E=4),  # sizes that are multiples of the tiles
+    Case(T=20, d_in=40, d_out=24, r=64, E=2),  # r = 64 (the "hi" rank bucket)
+]
+DTYPES_CPU = [torch.float32, torch.float16]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("case", MATRIX, ids=str)
+def test_matrix(case, dtype):
+    inp = make_inputs(case, dtype)
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+    b = TritonBackend(expand="addmm")
+    check(run(b, inp), eager, ref, dtype, what="atomic: ")
+    check(run(b, inp, deterministic=True), eager, ref, dtype, names=GRADS, what="deterministic: ")
+
+
+# grouped batches fuse the base GEMM only above the decode size (T > 64)
+FUSED = [Case(T=70), Case(routing="single", gate=False), Case(routing="none", T=17),
+         Case(T=66, r=1, p=0.0, routing="skewed")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("case", FUSED, ids=str)
+def test_fused_expand(case, dtype):
+    """The base GEMM inside the expand kernel (LoRA tile as the accumulator's start value)."""
+    inp = make_inputs(case, dtype)
+    check(run(TritonBackend(expand="fused"), inp), run(EagerBackend(), inp), reference(inp), dtype)
+
+
+SPLIT_TILES = dict(
+    shrink=Tile(block_t=16, block_k=16, split_k=3),
+    wgrad=Tile(chunk=16, block_t=16, block_n=16),
+    expand=Tile(block_t=16, block_n=16, group=1),
+    fused=Tile(block_t=16, block_n=32, block_k=16, group=3),
+)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("expand", ["addmm", "fused"])
+@pytest.mark.parametrize("case", [Case(T=70, d_in=45), Case(routing="single", d_in=45, p=0.0),
+                                  Case(routing="none")], ids=str)
+def test_split_k_and_small_chunks(case, expand):
+    """Split-K shrink (the decode path: fp32 partials + finalize), many wgrad slots per expert."""
+    inp = make_inputs(case, torch.float32)
+    b = TritonBackend(expand=expand, tiles=SPLIT_TILES)
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+    check(run(b, inp), eager, ref, torch.float32)
+    check(run(b, inp, deterministic=True), eager, ref, torch.float32, names=GRADS)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_frozen_experts_cost_nothing_and_get_zeros(dtype, deterministic):
+    case = Case(E=4, T=40)
+    inp = make_inputs(case, dtype)
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+    trainable = [True, False, False, True]
+    got = run(TritonBackend(), inp, expert_trainable=trainable, deterministic=deterministic)
+    check(got, eager, ref, dtype, names=("dx", "dA_s", "dB_s", "dgate"))
+    for e, on in enumerate(trainable):
+        if on:
+            for k in ("dA", "dB"):
+                check({k: got[k][e]}, {k: eager[k][e]}, {k: ref[k][e]}, dtype, what=f"expert {e} ")
+        else:
+            assert (got["dA"][e] == 0).all() and (got["dB"][e] == 0).all()
+
+    # no trainable expert: no task-expert work at all (the kernels are told DO_TASK=False)
+    launched = []
+    real = kernels._wgrad_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append(meta["DO_TASK"])
+                return real[grid](*args, **meta)
+            return launch
+
+    kernels._wgrad_kernel = Spy()
+    try:
+        got = run(TritonBackend(), inp, expert_trainable=[False] * 4, deterministic=deterministic)
+    finally:
+        kernels._wgrad_kernel = real
+    assert launched and not any(launched)
+    assert (got["dA"] == 0).all() and (got["dB"] == 0).all()
+
+
+NEEDS = [
+    dict(needs_dx=True, needs_shared=False, needs_task=False, needs_gate=False),
+    dict(needs_dx=False, needs_shared=True, needs_task=False, needs_gate=False),
+    dict(needs_dx=False, needs_shared=False, needs_task=True, needs_gate=False),
+    dict(needs_dx=False, needs_shared=False, needs_task=False, needs_gate=True),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "+".join(k[6:] for k, v in n.items() if v))
+def test_needs_flags(needs):
+    """Unneeded gradients are None; needed ones are right -- dx includes the gate path even
+    when the gate weight itself is frozen (the gate sees x)."""
+    inp = make_inputs(Case(), torch.float32)
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+    got = run(TritonBackend(), inp, **needs)
+    wanted = dict(dx=needs["needs_dx"], dA_s=needs["needs_shared"], dB_s=needs["needs_shared"],
+                  dA=needs["needs_task"], dB=needs["needs_task"], dgate=needs["needs_gate"])
+    for k, on in wanted.items():
+        if not on:
+            assert got[k] is None, k
+    check(got, eager, ref, torch.float32, names=[k for k, on in wanted.items() if on])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("case", [Case(), Case(routing="single", gate=False)], ids=str)
+def test_cross_backend_saved_tensors(case, dtype):
+    """Any backend's backward consumes any backend's forward outputs."""
+    inp = make_inputs(case, dtype)
+    ref, eager_b, triton_b = reference(inp), EagerBackend(), TritonBackend()
+    eager = run(eager_b, inp)
+    t_saved, e_saved = triton_b.forward(fwd_args(inp)), eager_b.forward(fwd_args(inp))
+    for saved, bwd, what in ((t_saved, eager_b, "triton fwd + eager bwd: "),
+                             (e_saved, triton_b, "eager fwd + triton bwd: ")):
+        got = dict(zip(GRADS, bwd.backward(bwd_args(inp, saved))))
+        check(got, eager, ref, dtype, names=GRADS, what=what)
+
+
+@needs_interpreter
+def test_strided_inputs():
+    """Non-contiguous activations and weights are read through their strides."""
+    inp = make_inputs(Case(T=21, routing="skewed"), torch.float32)
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+
+    def column_major(t):
+        return t.t().contiguous().t() if t is not None and t.dim() == 2 else t
+
+    inp.x = {k: column_major(v) for k, v in inp.x.items()}
+    inp.x["task_A"] = inp.x["task_A"].transpose(1, 2).contiguous().transpose(1, 2)
+    inp.gy = column_major(inp.gy)
+    assert not inp.x["x"].is_contiguous() and not inp.x["task_A"].is_contiguous()
+    check(run(TritonBackend(), inp), eager, ref, torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_op_autograd(deterministic):
+    """Through the public op: moe_lora_linear(..., backend="triton") + autograd."""
+    c = Case(T=23, routing="skewed")
+    inp = make_inputs(c, torch.float32)
+    ref = reference(inp)
+    leaf = {k: (v.clone().requires_grad_(k not in ("weight", "bias")) if v is not None else None)
+            for k, v in inp.x.items()}
+    y = moe_lora_linear(**leaf, routing=inp.ro, scale=c.scale, dropout_p=c.p, seed=torch.tensor(inp.seed),
+                        deterministic=deterministic, backend="triton")
+    y.backward(inp.gy)
+    got = dict(y=y, dx=leaf["x"].grad, dA_s=leaf["shared_A"].grad, dB_s=leaf["shared_B"].grad,
+               dA=leaf["task_A"].grad, dB=leaf["task_B"].grad, dgate=leaf["gate_weight"].grad)
+    check(got, None, ref, torch.float32, names=list(got))
+
+
+@needs_interpreter
+def test_opcheck():
+    c = Case(T=9, d_in=17, d_out=11, r=3, E=2)
+    inp = make_inputs(c, torch.float32)
+    x = {k: (v.requires_grad_(k not in ("weight", "bias")) if v is not None else None) for k, v in inp.x.items()}
+    ro = inp.ro
+    args = (x["x"], x["weight"], x["bias"], x["shared_A"], x["shared_B"], x["task_A"], x["task_B"], x["gate_weight"],
+            ro.token_task, ro.sorted_idx, ro.expert_offsets, ro.offsets_cpu, ro.single_task, c.scale, c.p,
+            torch.tensor(inp.seed), [], False, "triton")
+    torch.library.opcheck(moe_lora_fwd, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+@triton.jit
+def _keep_probe(out_ptr, rows_ptr, n_rows, n_cols, seed, thr, BR: tl.constexpr, BC: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    rows = tl.load(rows_ptr + r, mask=r < n_rows, other=0)
+    keep = kernels._keep(kernels._row_keys(rows, seed), c, thr)
+    tl.store(out_ptr + r[:, None] * n_cols + c[None, :], keep.to(tl.int8),
+             mask=(r < n_rows)[:, None] & (c < n_cols)[None, :])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seed", [0, 1234, 2**31 + 7, 2**32 - 1])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
+def test_dropout_hash_is_bit_exact(seed, p):
+    """The in-kernel hash reproduces ops.dropout for large row/col indices and seeds >= 2**31."""
+    rows = torch.tensor([0, 1, 2, 77, 65535, 65536, 2**20 + 3, 2**31 - 1], dtype=torch.int32)
+    n_cols = 300
+    drop = tb._Dropout.of(dataclasses.replace(fwd_args(make_inputs(Case(T=2), torch.float32)), seed=seed,
+                                              dropout_p=p))
+    out = torch.empty(len(rows), n_cols, dtype=torch.int8)
+    _keep_probe[(1, triton.cdiv(n_cols, 64))](out, rows, len(rows), n_cols, drop.seed, drop.thr, BR=8, BC=64)
+    want = D.keep_mask(seed, rows.long(), torch.arange(n_cols), p)
+    assert torch.equal(out.bool(), want)
+
+
+def test_unavailable_reason(monkeypatch):
+    b = TritonBackend()
+    x = torch.zeros(2, 3)
+    assert b.unavailable_reason(x.double()) == "fp64 is not supported by the triton backend"
+    assert "int" in b.unavailable_reason(x.long())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in b.unavailable_reason(x)
+    if tb.INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert b.unavailable_reason(x) is None
+        assert "bf16" in b.unavailable_reason(x.bfloat16())
+        assert bk.resolve_backend("triton", x) == "triton"
+        assert bk.resolve_backend("auto", x) == "eager"  # auto never picks the interpreter
+    with pytest.raises(bk.BackendUnavailableError, match="fp64"):
+        bk.resolve_backend("triton", x.double())
+    assert bk.get_backend("triton").priority == 20 and bk.get_backend("triton").name == "triton"
+    with pytest.raises(ValueError, match="expand"):
+        TritonBackend(expand="cublas")
+
+
+def test_tile_tables_cover_every_bucket():
+    for arch in ("sm_90", "sm_80", "sm_86", "interpreter"):
+        table = configs.table_for(arch)
+        for kern in configs.KERNELS:
+            for T in (1, 64, 65, 1024, 1025, 65536):
+                for r in (1, 32, 33, 128):
+                    t = table[(kern, *configs._bucket(T, r))]
+                    assert min(t.block_t, t.block_n, t.block_k) >= 16 and t.chunk % t.block_t == 0
+    assert all(t.num_stages <= 2 for t in configs.table_for("sm_120").values())
+
+
+def test_autotune_is_opt_in_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path))
+    times = iter([3.0, 1.0, 2.0, 5.0, 4.0, 6.0, 7.0])
+    benched = []
+
+    def bench(fn):
+        fn()
+        return next(times)
+
+    runs = []
+    table = TileTable(bench=bench)
+    dev = torch.device("cpu")
+    default = table.get("shrink", dev, 100, 8)
+    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+    assert table.pick("shrink", dev, 100, 8, ("k",), runs.append) == default and not runs  # off by default
+
+    monkeypatch.setattr(TileTable, "autotune_enabled", staticmethod(lambda device: True))
+    best = table.pick("shrink", dev, 100, 8, ("k",), lambda t: benched.append(t))
+    assert best == benched[1] != default  # the candidate that timed 1.0
+    again = TileTable(bench=lambda fn: pytest.fail("re-tuned a cached key"))
+    assert again.pick("shrink", dev, 100, 8, ("k",), runs.append) == best  # persisted
+    assert json.loads((tmp_path / "autotune.json").read_text())
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80_and_sm90():
+    """Every kernel variant the matrix launches compiles for real GPUs (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "moecl_kernels.backends.triton.compile_check"], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same contract on device, compiled kernels, bf16 included
+
+GPU_MATRIX = [
+    Case(T=300, d_in=200, d_out=168, r=16, E=5),
+    Case(T=300, d_in=200, d_out=168, r=16, E=5, routing="single"),
+    Case(T=300, d_in=200, d_out=168, r=16, E=5, routing="skewed"),
+    Case(T=300, d_in=200, d_out=168, r=16, E=5, routing="none"),
+    Case(T=257, d_in=193, d_out=97, r=1, E=3, gate=False, p=0.0),
+    Case(T=1, d_in=256, d_out=128, r=16, E=8, routing="single"),
+    Case(T=16, d_in=512, d_out=256, r=16, E=8),  # decode, split-K
+    Case(T=2000, d_in=256, d_out=320, r=128, E=3),
+]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("expand", ["addmm", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_MATRIX, ids=str)
+def test_gpu_matrix(case, dtype, expand):
+    inp = make_inputs(case, dtype, device="cuda")
+    ref, eager = reference(inp), run(EagerBackend(), inp)
+    b = TritonBackend(expand=expand)
+    check(run(b, inp), eager, ref, dtype)
+    first = run(b, inp, deterministic=True)
+    check(first, eager, ref, dtype, names=GRADS)
+    second = run(b, inp, deterministic=True)
+    for k in GRADS:
+        if first[k] is not None:
+            assert torch.equal(first[k], second[k]), f"{k} not bitwise reproducible with deterministic=True"
+
+
+@gpu
+@needs_gpu
+def test_gpu_cuda_graph_capture():
+    inp = make_inputs(Case(T=64, d_in=128, d_out=96, r=16, E=4), torch.bfloat16, device="cuda")
+    b = TritonBackend()
+    a = fwd_args(inp)
+    uncaptured = run(b, inp)  # compiles every kernel before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        saved = b.forward(a)
+        grads = b.backward(bwd_args(inp, saved))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(saved[0], uncaptured["y"])
+    for k, v in zip(GRADS, grads):
+        if v is not None:
+            torch.testing.assert_close(v, uncaptured[k], rtol=1e-2, atol=1e-2)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("routing", ["single", "mixed"])
+def test_gpu_no_host_sync(routing):
+    inp = make_inputs(Case(T=300, d_in=256, d_out=128, r=16, E=4, routing=routing), torch.bfloat16, device="cuda")
+    b = TritonBackend()
+    for det in (False, True):
+        run(b, inp, deterministic=det)  # warm-up: compile, cache the trainable-expert index
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for det in (False, True):
+            run(b, inp, deterministic=det)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu
+@needs_gpu
+def test_gpu_torch_compile():
+    c = Case(T=128, d_in=128, d_out=64, r=8, E=4)
+    inp = make_inputs(c, torch.bfloat16, device="cuda")
+
+    def f(x):
+        return moe_lora_linear(x, *(inp.x[k] for k in ("weight", "bias", "shared_A", "shared_B", "task_A",
+                                                          "task_B", "gate_weight")),
+                               inp.ro, scale=c.scale, dropout_p=c.p, seed=torch.tensor(inp.seed), backend="triton")
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(inp.x["x"]), f(inp.x["x"]))
