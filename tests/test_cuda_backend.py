@@ -1,0 +1,505 @@
+"""The cuda backend: its build, its errors, and (on a GPU) its numerics.
+
+CPU tests (always): the reasons the backend gives when it cannot run, the one-time
+fallback warning, setup.py's build decision and pure-Python install, the compile-check
+parser, and the extension's own checks when it is built.
+
+GPU tests (``-m gpu``; skipped without CUDA or without ``moecl_kernels._C``): forward and
+backward against the float64 reference over the eager tests' matrix in fp32/fp16/bf16
+(odd sizes, r = 1..64, E = 1..32, single / mixed / skewed / no-task / partial routing, gate
+and dropout on and off) plus the kernels' own paths (r = 33 and 128, several tiles, decode
+T = 1 and 16, frozen experts, task ids on host or device, forced split counts), strided
+layouts, determinism and CUDA-graph capture, with every torch.empty poisoned (NaN). Accuracy
+rule: fp32 <= 1e-5 relative (max-abs / max-abs); fp16/bf16 at most 2x the eager backend's
+error in the same dtype (floor eps, see ``check``), both against a float64 reference that
+uses the contract's dtype-rounded dropout input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from helpers import ROUTINGS, op_inputs, token_tasks
+
+import moecl_kernels
+from moecl_kernels import backends
+from moecl_kernels.backends import cuda as cuda_mod
+from moecl_kernels.backends.base import SINGLE_MIXED
+from moecl_kernels.ops import reference as reference_module
+from moecl_kernels.ops.dropout import apply_dropout
+from moecl_kernels.ops.op import moe_lora_bwd, moe_lora_fwd, moe_lora_linear
+from moecl_kernels.ops.reference import moe_lora_reference
+from moecl_kernels.routing import build_routing
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CUDA_X = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and cuda_mod.load_extension()[0] is not None
+
+
+def gpu_test(fn):
+    reason = "needs a CUDA GPU and the built extension moecl_kernels._C (pip install --no-build-isolation .)"
+    return pytest.mark.gpu(pytest.mark.skipif(not _cuda_ready(), reason=reason)(fn))
+
+
+@pytest.fixture
+def fresh_extension_state(monkeypatch):
+    """Forget the cached extension load and the one-time warnings for the duration of a test."""
+    monkeypatch.setattr(cuda_mod, "_extension_state", None)
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: reasons and errors
+
+
+def test_cpu_tensor_reason():
+    why = cuda_mod.CudaBackend().unavailable_reason(torch.zeros(2, 3))
+    assert why == "x is on cpu; the cuda backend needs CUDA tensors"
+
+
+def test_explicit_cuda_request_with_cpu_tensors_raises():
+    T, d, r, E = 4, 6, 2, 2
+    x = torch.randn(T, d)
+    routing = build_routing(torch.tensor([0, 1, -1, 0]), E, T)
+    with pytest.raises(backends.BackendUnavailableError, match="backend='cuda' is unavailable: x is on cpu"):
+        moe_lora_linear(x, torch.randn(5, d), None, torch.randn(r, d), torch.randn(5, r), torch.randn(E, r, d),
+                        torch.randn(E, 5, r), None, routing, scale=1.0, backend="cuda")
+
+
+def test_fp64_reason():
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float64)
+    why = cuda_mod.CudaBackend().unavailable_reason(x)
+    assert "torch.float64" in why and "fp32, fp16 and bf16" in why
+
+
+def test_not_built_reason_and_one_warning(fresh_extension_state, monkeypatch):
+    monkeypatch.setattr(cuda_mod, "_extension_state", (None, cuda_mod.NOT_BUILT))
+    b = cuda_mod.CudaBackend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reasons = [b.unavailable_reason(FAKE_CUDA_X) for _ in range(3)]
+    assert all(why == cuda_mod.NOT_BUILT for why in reasons)
+    assert "not built" in reasons[0]
+    assert "pip install --no-build-isolation ." in reasons[0] and "MOECL_FORCE_CUDA_BUILD=1" in reasons[0]
+    fallback = [w for w in caught if "cuda backend is unavailable" in str(w.message)]
+    assert len(fallback) == 1 and issubclass(fallback[0].category, RuntimeWarning)
+
+
+def test_missing_extension_is_reported_as_not_built(fresh_extension_state):
+    if cuda_mod.importlib.util.find_spec("moecl_kernels._C") is not None:
+        pytest.skip("the extension is built here")
+    assert cuda_mod.load_extension() == (None, cuda_mod.NOT_BUILT)
+
+
+def test_stale_extension_reason(fresh_extension_state, monkeypatch):
+    fake = ModuleType("moecl_kernels._C")
+    fake.__version__ = "0.0.0-old"
+    monkeypatch.setattr(moecl_kernels, "_C", fake, raising=False)
+    ext, why = cuda_mod.load_extension()
+    assert ext is None
+    assert f"built for moecl-kernels 0.0.0-old but the package is {moecl_kernels.__version__}" in why
+    assert "pip install --no-build-isolation ." in why
+
+
+@pytest.mark.parametrize(
+    "archs, capability, ok",
+    [
+        (["sm_80", "sm_90a"], (8, 0), True),
+        (["sm_80", "sm_90a"], (8, 6), True),   # sm_80 SASS runs on 8.x
+        (["sm_80", "sm_90a"], (9, 0), True),
+        (["sm_80", "sm_90a"], (10, 0), False),  # no SASS for Blackwell and no PTX
+        (["sm_90a"], (8, 9), False),
+        (["sm_80", "compute_80"], (10, 0), True),  # PTX JIT
+        (["sm_90a"], (9, 1), False),          # arch-specific SASS: exactly 9.0
+        (["sm_86"], (8, 0), False),
+    ],
+)
+def test_arch_supported(archs, capability, ok):
+    assert cuda_mod.arch_supported(archs, capability) is ok
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: build
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="moecl_setup")
+
+
+def test_build_plan(setup_py):
+    plan, err = setup_py["cuda_build_plan"], setup_py["BuildError"]
+    nvcc = "/usr/local/cuda/bin/nvcc"
+    assert plan({}, None, nvcc, True)[0] is False                    # CPU torch: pure Python
+    assert "torch has no CUDA" in plan({}, None, nvcc, True)[1]
+    assert plan({}, "13.0", nvcc, True)[0] is True                   # CUDA torch + nvcc: build
+    assert plan({}, "13.0", None, True) == (False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    assert plan({}, "13.0", nvcc, False)[0] is False                 # no pybind11: pure Python
+    assert plan({"MOECL_SKIP_CUDA_BUILD": "1"}, "13.0", nvcc, True)[0] is False
+    assert plan({"MOECL_FORCE_CUDA_BUILD": "1"}, None, nvcc, True)[0] is True  # torch-free extension
+    with pytest.raises(err, match="nvcc not found"):
+        plan({"MOECL_FORCE_CUDA_BUILD": "1"}, "13.0", None, True)
+    with pytest.raises(err, match="pybind11"):
+        plan({"MOECL_FORCE_CUDA_BUILD": "1"}, "13.0", nvcc, False)
+    with pytest.raises(err, match="contradict"):
+        plan({"MOECL_FORCE_CUDA_BUILD": "1", "MOECL_SKIP_CUDA_BUILD": "1"}, "13.0", nvcc, True)
+
+
+def test_arch_list_parsing(setup_py):
+    parse, gencode, err = setup_py["parse_arch_list"], setup_py["gencode_flags"], setup_py["BuildError"]
+    archs, skipped = parse("8.0;9.0a")
+    assert archs == [("80", False), ("90a", False)] and skipped == []
+    assert gencode(archs) == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    archs, skipped = parse("7.0 7.5 8.0 8.6+PTX")
+    assert archs == [("80", False), ("86", True)] and skipped == ["7.0", "7.5"]
+    assert "-gencode=arch=compute_86,code=compute_86" in gencode(archs)
+    with pytest.raises(err, match="Ampere"):
+        parse("Ampere")
+
+
+def test_pure_python_install_without_cuda_torch(tmp_path):
+    """setup.py with a CPU torch builds a pure-Python wheel (no _C, py3-none-any)."""
+    if torch.version.cuda is not None:
+        pytest.skip("torch has CUDA here; the pure-Python path is for CPU torch")
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
+    for name in ("setup.py", "pyproject.toml", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("moecl_kernels", "csrc", "python"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    env = {k: v for k, v in os.environ.items() if k not in ("MOECL_FORCE_CUDA_BUILD", "MOECL_SKIP_CUDA_BUILD")}
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v", "-w", str(tmp_path / "dist"),
+         str(src)], capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "installing without the CUDA extension: torch has no CUDA" in res.stdout + res.stderr
+    wheels = list((tmp_path / "dist").glob("*.whl"))
+    assert len(wheels) == 1 and wheels[0].name.endswith("-py3-none-any.whl"), wheels
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "moecl_kernels/py.typed" in names
+    assert not [n for n in names if "_C" in Path(n).name]
+
+
+def test_compile_check_parses_spills():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import cuda_compile_check as cc
+    finally:
+        sys.path.pop(0)
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z5heavyPfi' for 'sm_80'
+ptxas info    : Function properties for _Z5heavyPfi
+    5960 bytes stack frame, 5952 bytes spill stores, 12152 bytes spill loads
+ptxas info    : Used 24 registers, used 0 barriers, 5960 bytes cumulative stack size, 364 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z4goodPf' for 'sm_90a'
+ptxas info    : Function properties for _Z4goodPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 80 registers, used 1 barriers, 16128 bytes smem, 528 bytes cmem[0]
+"""
+    heavy, good = cc.parse_ptxas(log)
+    assert (heavy["arch"], heavy["registers"], heavy["spill_stores"], heavy["spill_loads"]) == ("sm_80", 24, 5952, 12152)
+    assert (good["arch"], good["registers"], good["smem_bytes"], good["spill_stores"]) == ("sm_90a", 80, 16128, 0)
+    assert cc.short_name("void moecl::detail::(anonymous namespace)::shrink_kernel<float>(moecl::X<float>)") == \
+        "shrink_kernel<float>"
+
+
+def _extension():
+    ext, _ = cuda_mod.load_extension()
+    if ext is None:
+        pytest.skip("the extension moecl_kernels._C is not built")
+    return ext
+
+
+def test_extension_build_info():
+    info = _extension().build_info()
+    assert info["version"] == moecl_kernels.__version__
+    assert info["archs"] and all(a.startswith(("sm_", "compute_")) for a in info["archs"])
+    assert info["max_rank"] == 128 and info["max_experts"] == 64
+
+
+def test_extension_argument_errors_name_the_argument():
+    ext = _extension()
+    route = (0, 0, 0, 3, 1)
+    with pytest.raises(ValueError, match=r"moecl.shrink: r=129 is outside \[1, 128\]"):
+        ext.shrink(dtype=2, input=16, ld_input=4, K=4, shared=(16, 4, 1, 0), task=(16, 4, 1, 16), r=129, gate=0,
+                   route=route, dropout=(False, 0, 0, 1.0), partial=16, partial_elems=10**6, splits=1, stream=0)
+    with pytest.raises(ValueError, match="moecl.expand: out is null"):
+        ext.expand(dtype=0, out=0, ld_out=8, N=8, h_shared=16, h_task=16, r=2, coef=0, scale=1.0,
+                   shared=(16, 2, 1, 0), task=(16, 2, 1, 16), route=route, dropout=(False, 0, 0, 1.0), dlogits=0,
+                   gate=0, stream=0)
+    with pytest.raises(ValueError, match="dtype code 5"):
+        ext.wgrad(dtype=5, p=0, ld_p=2, rows=2, coef=0, coef_col=0, scale=1.0, q=0, ld_q=4, C=4,
+                  dropout=(False, 0, 0, 1.0), route=route, per_expert=False, trainable=0, out=16, out_stride_m=4,
+                  out_stride_c=1, out_stride_e=0, workspace=0, workspace_elems=0, splits=1, stream=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: numerics against the float64 reference
+
+DEVICE = "cuda"
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_NAMES = ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")
+SCALE, DROP_SEED = 1.7, 1234
+
+# The eager tests' matrix (test_op_eager.py): odd sizes x r in {1, 8, 64} x E in {1, 4, 32} x every
+# routing pattern x gate on/off x dropout on/off, here in fp32/fp16/bf16 instead of fp64/fp32.
+SIZES = [(37, 29, 23), (64, 48, 33), (5, 7, 3)]
+RE = [(r, E) for r in (1, 8, 64) for E in (1, 4, 32)]
+MATRIX = [
+    (SIZES[i % len(SIZES)], r, E, routing, gate, p)
+    for i, ((r, E), routing, gate, p) in enumerate(itertools.product(RE, ROUTINGS, (True, False), (0.0, 0.1)))
+]
+# Kernel-specific paths: rank chunks (r > 32, r = 128), several token / column tiles, decode
+# (split-K), frozen experts.
+KERNEL_CASES = {
+    "r128": ((40, 64, 48), 128, 2, "partial", True, 0.1, None),
+    "r33_tiles": ((130, 300, 260), 33, 5, "partial", True, 0.05, [False, True, False, True, True]),
+    "decode_1": ((1, 256, 128), 8, 3, "single", True, 0.0, None),
+    "decode_16": ((16, 512, 320), 16, 8, "partial", True, 0.0, None),
+    "skewed_frozen": ((200, 96, 80), 16, 4, "skewed", True, 0.05, [True, False, True, True]),
+    "all_frozen": ((33, 40, 24), 4, 3, "partial", True, 0.1, [False, False, False]),
+}
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """Every torch.empty (kernel outputs, partials, workspaces) starts as NaN."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    d = (got.detach().double().cpu() - ref.cpu()).abs().max().item()
+    scale = ref.abs().max().item()
+    return d / scale if scale > 0 else d
+
+
+def make_case(size, r, E, routing, gate, p, seed=0, bias=True):
+    """float64 CPU masters (helpers.op_inputs), per-token task ids and the output gradient."""
+    T, d_in, d_out = size
+    inp, g = op_inputs(T, d_in, d_out, r, E, dtype=torch.float64, gate=gate, seed=seed, bias=bias)
+    tt = token_tasks(routing, T, E, g)
+    gy = torch.randn(T, d_out, generator=g, dtype=torch.float64)
+    return inp, tt, gy, E, p
+
+
+def run_backend(case, dtype, backend, device=None, host_ids=True, trainable=None, deterministic=False, views=None):
+    """y and the grads from moe_lora_linear in ``dtype`` (inputs rounded from the float64 masters).
+
+    host_ids: task ids on the host (exact grids, single-task fast path) or on the device (upper-bound
+    grids, grouped path). views: optional {name: fn} applied to the dtype tensors (strided layouts).
+    """
+    inp, tt, gy, E, p = case
+    device = device or DEVICE
+    t = {}
+    for k, v in inp.items():
+        if v is None:
+            t[k] = None
+            continue
+        w = v.detach().to(device=device, dtype=dtype)
+        if views and k in views:
+            w = views[k](w)
+        t[k] = w.requires_grad_(v.requires_grad)
+    routing = build_routing(tt if host_ids else tt.to(device), E, tt.shape[0], device=device)
+    y = moe_lora_linear(**t, routing=routing, scale=SCALE, dropout_p=p, seed=torch.tensor(DROP_SEED),
+                        expert_trainable=trainable, deterministic=deterministic, backend=backend)
+    names = [n for n in GRAD_NAMES if t[n] is not None]
+    grads = torch.autograd.grad(y, [t[n] for n in names], gy.to(device=device, dtype=dtype))
+    return dict(y=y.detach(), **dict(zip(names, grads)))
+
+
+def run_reference(case, dtype, trainable=None):
+    """float64 y and grads on the dtype-rounded inputs; frozen experts' grads zeroed.
+
+    The contract rounds the dropped-out LoRA input x~ = x * keep / (1 - p) to the activation
+    dtype (every backend does, bit-exactly), so the reference uses that rounded x~ too (with
+    the exact mask as its derivative): what is measured is each backend's own arithmetic.
+    """
+    inp, tt, gy, _, p = case
+
+    def dropout_rounded_like_backends(x, p, seed):
+        exact = apply_dropout(x, p, seed)
+        return exact + (apply_dropout(x.detach().to(dtype), p, seed).double() - exact).detach()
+
+    t = {k: (v.detach().to(dtype).double().requires_grad_(v.requires_grad) if v is not None else None)
+         for k, v in inp.items()}
+    with mock.patch.object(reference_module, "apply_dropout", dropout_rounded_like_backends):
+        y = moe_lora_reference(**t, token_task=tt, scale=SCALE, dropout_p=p, seed=DROP_SEED)
+    names = [n for n in GRAD_NAMES if t[n] is not None]
+    grads = torch.autograd.grad(y, [t[n] for n in names], gy.to(dtype).double())
+    out = dict(y=y.detach(), **dict(zip(names, grads)))
+    if trainable is not None:
+        frozen = [not tr for tr in trainable]
+        for k in ("task_A", "task_B"):
+            out[k] = out[k].clone()
+            out[k][frozen] = 0
+    return out
+
+
+def check(got: dict, eager: dict, ref: dict, dtype, what=""):
+    """fp32: <= 1e-5 relative; fp16/bf16: <= 2x the eager backend's error; zeros stay exact.
+
+    The fp16/bf16 floor is eps (relative to the largest reference value): a result computed
+    exactly still carries two roundings to dtype at that magnitude (the base GEMM's output
+    and the final sum), and on the matrix's tiny outputs eager's own roundings can land
+    closer by luck. Real defects (a missed term, a wrong expert, a wrong mask) are far larger.
+    """
+    for k, r in ref.items():
+        assert torch.isfinite(got[k]).all(), f"{what}{k}: non-finite values (unwritten output?)"
+        if r.abs().max() == 0:  # task grads without task tokens, frozen experts, unused gate
+            assert (got[k] == 0).all(), f"{what}{k}: expected exact zeros"
+            continue
+        e = max_rel_err(got[k], r)
+        tol = 1e-5 if dtype == torch.float32 else max(2 * max_rel_err(eager[k], r), EPS[dtype])
+        assert e <= tol, f"{what}{k}: relative error {e:.3g} > {tol:.3g}"
+
+
+def compare(case, dtype, trainable=None, what="", **kw):
+    ref = run_reference(case, dtype, trainable)
+    eager = run_backend(case, dtype, "eager", trainable=trainable)
+    check(run_backend(case, dtype, "cuda", trainable=trainable, **kw), eager, ref, dtype, what)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("size,r,E,routing,gate,p", MATRIX)
+def test_eager_matrix(size, r, E, routing, gate, p, dtype):
+    seed = hash((size, r, E, routing, gate, p)) % 10_000
+    compare(make_case(size, r, E, routing, gate, p, seed=seed), dtype)
+
+
+@gpu_test
+@pytest.mark.parametrize("host_ids", [True, False], ids=["host_ids", "device_ids"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_paths(name, dtype, host_ids):
+    size, r, E, routing, gate, p, trainable = KERNEL_CASES[name]
+    compare(make_case(size, r, E, routing, gate, p, seed=7), dtype, trainable, f"{name}: ", host_ids=host_ids)
+
+
+@gpu_test
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", ["r33_tiles", "decode_16", "skewed_frozen"])
+def test_forced_splits(name, splits, monkeypatch):
+    """Both the direct (1 split) and the partials + fixed-order reduction paths of every kernel."""
+    monkeypatch.setattr(cuda_mod, "_splits", lambda blocks, length, min_len, sms: splits)
+    size, r, E, routing, gate, p, trainable = KERNEL_CASES[name]
+    for dtype in (torch.float32, torch.bfloat16):
+        compare(make_case(size, r, E, routing, gate, p, seed=8), dtype, trainable, f"{name} splits={splits}: ",
+                host_ids=False)
+
+
+@gpu_test
+def test_no_bias_and_strided_layouts():
+    """Column-major / transposed weights and a padded x row stride: the kernels take strides."""
+    views = {
+        "x": lambda t: torch.cat([t, t], dim=1)[:, : t.shape[1]],  # row stride 2 * d_in
+        "shared_A": lambda t: t.t().contiguous().t(),
+        "shared_B": lambda t: t.t().contiguous().t(),
+        "task_A": lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+        "task_B": lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    case = make_case((45, 70, 38), 6, 3, "partial", True, 0.1, seed=9, bias=False)
+    for dtype in DTYPES:
+        compare(case, dtype, what="strided: ", views=views)
+
+
+@gpu_test
+def test_backward_accepts_eager_forward_outputs():
+    """base.py: any backend's backward consumes any backend's (y, h_s, h_t, coef)."""
+    inp, tt, gy, E, p = make_case((37, 29, 23), 5, 3, "partial", True, 0.1)
+    t = {k: (v.detach().to(DEVICE, torch.float32) if v is not None else None) for k, v in inp.items()}
+    rt = build_routing(tt, E, tt.shape[0], device=DEVICE)
+    seed = torch.tensor(DROP_SEED)
+    routing_args = (rt.token_task, rt.sorted_idx, rt.expert_offsets, rt.offsets_cpu, rt.single_task)
+    params = [t[k] for k in ("x", "weight", "bias", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")]
+    grads = {}
+    for fwd_backend in ("eager", "cuda"):
+        _, h_s, h_t, coef = moe_lora_fwd(*params, *routing_args, SCALE, p, seed, [], False, fwd_backend)
+        grads[fwd_backend] = moe_lora_bwd(
+            gy.to(DEVICE, torch.float32), t["x"], t["weight"], t["shared_A"], t["shared_B"], t["task_A"],
+            t["task_B"], t["gate_weight"], *routing_args, h_s, h_t, coef, SCALE, p, seed, [True] * 4, [], False,
+            "cuda")
+    for a, b in zip(grads["eager"], grads["cuda"]):
+        assert max_rel_err(a, b.double()) <= 1e-5
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bitwise_deterministic(dtype):
+    size, r, E, routing, gate, p, trainable = KERNEL_CASES["skewed_frozen"]
+    case = make_case(size, r, E, routing, gate, p, seed=10)
+    a = run_backend(case, dtype, "cuda", trainable=trainable, deterministic=True)
+    b = run_backend(case, dtype, "cuda", trainable=trainable, deterministic=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@gpu_test
+def test_frozen_gate_still_backpropagates_into_x():
+    """dx includes the gate path even when W_g itself needs no gradient."""
+    inp, tt, gy, E, p = make_case((37, 29, 23), 5, 3, "partial", True, 0.1, seed=11)
+    t = {k: (v.detach().to(DEVICE, torch.float32) if v is not None else None) for k, v in inp.items()}
+    t["x"].requires_grad_(True)
+    routing = build_routing(tt, E, tt.shape[0], device=DEVICE)
+    y = moe_lora_linear(**t, routing=routing, scale=SCALE, dropout_p=p, seed=torch.tensor(DROP_SEED), backend="cuda")
+    (dx,) = torch.autograd.grad(y, [t["x"]], gy.to(DEVICE, torch.float32))
+    ref = run_reference((inp, tt, gy, E, p), torch.float32)
+    assert max_rel_err(dx, ref["x"]) <= 1e-5
+
+
+@gpu_test
+def test_rank_above_kernel_limit_is_a_clear_error():
+    inp, tt, _, E, _ = make_case((4, 8, 6), 129, 1, "single", False, 0.0)
+    t = {k: (v.detach().to(DEVICE, torch.float32) if v is not None else None) for k, v in inp.items()}
+    routing = build_routing(tt, E, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"r=129 is outside \[1, 128\]"):
+        moe_lora_linear(**t, routing=routing, scale=1.0, backend="cuda")
+
+
+@gpu_test
+def test_forward_in_cuda_graph():
+    """No host syncs: the forward captures into a CUDA graph and replays to the same result."""
+    inp, tt, _, E, _ = make_case((16, 512, 320), 16, 8, "partial", True, 0.0)
+    t = {k: (v.detach().to(DEVICE, torch.bfloat16) if v is not None else None) for k, v in inp.items()}
+    routing = build_routing(tt.to(DEVICE), E, tt.shape[0], device=DEVICE)
+    assert routing.single_task == SINGLE_MIXED and routing.offsets_cpu is None
+
+    def fwd():
+        return moe_lora_linear(**t, routing=routing, scale=SCALE, backend="cuda")
+
+    expected = fwd()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fwd()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
