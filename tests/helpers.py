@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 ROUTINGS = ("single", "mixed", "skewed", "none", "partial")
+# the op test matrix shared by every backend's tests: odd sizes (T, d_in, d_out), d_in != d_out,
+# and every (r, E) of r in {1, 8, 64} x E in {1, 4, 32}
+SIZES = [(37, 29, 23), (64, 48, 33), (5, 7, 3)]
+RANK_EXPERTS = [(r, E) for r in (1, 8, 64) for E in (1, 4, 32)]
 
 
 def token_tasks(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:

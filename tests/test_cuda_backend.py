@@ -31,7 +31,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import ROUTINGS, op_inputs, token_tasks
+from helpers import RANK_EXPERTS, ROUTINGS, SIZES, op_inputs, token_tasks
 
 import moecl_kernels
 from moecl_kernels import backends
@@ -261,11 +261,9 @@ SCALE, DROP_SEED = 1.7, 1234
 
 # The eager tests' matrix (test_op_eager.py): odd sizes x r in {1, 8, 64} x E in {1, 4, 32} x every
 # routing pattern x gate on/off x dropout on/off, here in fp32/fp16/bf16 instead of fp64/fp32.
-SIZES = [(37, 29, 23), (64, 48, 33), (5, 7, 3)]
-RE = [(r, E) for r in (1, 8, 64) for E in (1, 4, 32)]
 MATRIX = [
     (SIZES[i % len(SIZES)], r, E, routing, gate, p)
-    for i, ((r, E), routing, gate, p) in enumerate(itertools.product(RE, ROUTINGS, (True, False), (0.0, 0.1)))
+    for i, ((r, E), routing, gate, p) in enumerate(itertools.product(RANK_EXPERTS, ROUTINGS, (True, False), (0.0, 0.1)))
 ]
 # Kernel-specific paths: rank chunks (r > 32, r = 128), several token / column tiles, decode
 # (split-K), frozen experts.

@@ -8,13 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import ROUTINGS, op_inputs, rel_err, token_tasks
+from helpers import RANK_EXPERTS, ROUTINGS, SIZES, op_inputs, rel_err, token_tasks
 from moecl_kernels.ops import dropout_mask, moe_lora_linear, moe_lora_reference
 from moecl_kernels.routing import build_routing
 
 GRAD_NAMES = ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")
-SIZES = [(37, 29, 23), (64, 48, 33), (5, 7, 3)]  # odd sizes, d_in != d_out
-RE = [(r, E) for r in (1, 8, 64) for E in (1, 4, 32)]
 
 
 def run_case(T, d_in, d_out, r, E, routing, gate, p, dtype, backend="eager", seed=0, trainable=None, bias=True):
@@ -42,7 +40,7 @@ def run_case(T, d_in, d_out, r, E, routing, gate, p, dtype, backend="eager", see
 CASES = [
     (SIZES[i % len(SIZES)], r, E, routing, gate, p, dtype)
     for i, ((r, E), routing, gate, p, dtype) in enumerate(
-        itertools.product(RE, ROUTINGS, (True, False), (0.0, 0.1), (torch.float64, torch.float32))
+        itertools.product(RANK_EXPERTS, ROUTINGS, (True, False), (0.0, 0.1), (torch.float64, torch.float32))
     )
 ]
 
