@@ -88,16 +88,25 @@ def test_fp64_reason():
 
 
 def test_not_built_reason_and_one_warning(fresh_extension_state, monkeypatch):
+    from moecl_kernels import backends
+
     monkeypatch.setattr(cuda_mod, "_extension_state", (None, cuda_mod.NOT_BUILT))
+    monkeypatch.setattr(backends, "_warned", set())
     b = cuda_mod.CudaBackend()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        reasons = [b.unavailable_reason(FAKE_CUDA_X) for _ in range(3)]
+    reasons = [b.unavailable_reason(FAKE_CUDA_X) for _ in range(3)]
     assert all(why == cuda_mod.NOT_BUILT for why in reasons)
     assert "not built" in reasons[0]
     assert "pip install --no-build-isolation ." in reasons[0] and "MOECL_FORCE_CUDA_BUILD=1" in reasons[0]
-    fallback = [w for w in caught if "cuda backend is unavailable" in str(w.message)]
+    # auto falls back with one warning (per device/dtype), an explicit request raises
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = [backends.resolve_backend("auto", FAKE_CUDA_X) for _ in range(3)]
+    assert len(set(chosen)) == 1 and chosen[0] != "cuda"
+    fallback = [w for w in caught if "backend 'cuda' is unavailable" in str(w.message)]
     assert len(fallback) == 1 and issubclass(fallback[0].category, RuntimeWarning)
+    assert "not built" in str(fallback[0].message)
+    with pytest.raises(backends.BackendUnavailableError, match="backend='cuda' is unavailable: the CUDA extension"):
+        backends.resolve_backend("cuda", FAKE_CUDA_X)
 
 
 def test_missing_extension_is_reported_as_not_built(fresh_extension_state):

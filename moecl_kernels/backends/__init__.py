@@ -101,14 +101,22 @@ def resolve_backend(name: Optional[str], x: Tensor) -> str:
     if x.device.type == "cpu":
         # CPU tensors: eager. (Triton runs on CPU only under TRITON_INTERPRET=1, for tests.)
         return "eager"
-    candidates = []
+    candidates, skipped = [], []
     for n in _factories:
         b = get_backend(n)
-        if b is not None and b.unavailable_reason(x) is None:
+        why = _reason(n, x)
+        if why is None:
             candidates.append((b.priority, n))
+        elif b is None or b.priority > 0:  # a fast backend auto would have preferred
+            skipped.append((b.priority if b is not None else 0, n, why))
     if not candidates:  # eager always runs; this means a broken install
         raise BackendUnavailableError(f"no backend can run tensors on {x.device} with dtype {x.dtype}")
-    return max(candidates)[1]
+    best_priority, best = max(candidates)
+    for priority, n, why in skipped:
+        if priority >= best_priority:
+            warn_once(f"auto-{n}-{x.device.type}-{x.dtype}",
+                      f"moecl_kernels: backend {n!r} is unavailable ({why}); MOECL_BACKEND=auto uses {best!r}")
+    return best
 
 
 def backend(name: str) -> Backend:

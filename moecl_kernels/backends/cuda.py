@@ -36,7 +36,6 @@ from torch import Tensor
 
 from .._version import __version__
 from ..ops.dropout import threshold24
-from . import warn_once
 from .base import SINGLE_MIXED, BwdArgs, FwdArgs
 
 NOT_BUILT = (
@@ -229,7 +228,6 @@ class CudaBackend:
             return f"x has dtype {x.dtype}; the cuda backend supports fp32, fp16 and bf16 (the eager backend runs fp64)"
         ext, why = load_extension()
         if ext is None:
-            warn_once("cuda-extension", f"moecl_kernels: the cuda backend is unavailable, using another backend: {why}")
             return why
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         capability, _ = _device_info(index)
