@@ -112,10 +112,14 @@ def _info() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from moecl_kernels.trainer.cli import main as train_main
-
-        return int(train_main(argv[1:]) or 0)
+    if not argv or argv[0] in ("train", "demo"):  # the trainer parses its own arguments
+        try:
+            from moecl_kernels.trainer.cli import main as train_main
+        except ImportError:  # a trimmed install without the trainer: the kernel check is the main job
+            run_check(device="cuda" if _cuda() else "cpu")
+            return 0
+        rest = argv[1:]
+        return int(train_main(rest if argv[:1] == ["train"] else ["demo", *rest]) or 0)
     p = argparse.ArgumentParser(prog="python -m moecl_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
@@ -124,22 +128,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     c.add_argument("--backends", nargs="*", default=None)
     sub.add_parser("info", help="version and backend availability")
-    d = sub.add_parser("demo", help="the main job (trainer synthetic benchmark; falls back to check)")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="the main job: the trainer's offline synthetic benchmark (default)")
     sub.add_parser("train", help="the reference trainer; see `python -m moecl_kernels train --help`")
-    args = p.parse_args(argv or ["demo"])
+    args = p.parse_args(argv)
     if args.cmd == "info":
         _info()
-        return 0
-    if args.cmd == "check":
+    else:
         run_check(args.backends, device=args.device, dtype=args.dtype)
-        return 0
-    try:
-        from moecl_kernels.trainer.cli import main as train_main
-    except ImportError:
-        run_check(device="cuda" if _cuda() else "cpu")
-        return 0
-    return int(train_main(["demo", *args.rest]) or 0)
+    return 0
 
 
 def _cuda() -> bool:

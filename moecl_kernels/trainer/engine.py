@@ -311,8 +311,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
         prep = prepare(cfg)
         results = {name: MethodRun(cfg, name, prep, info).run(resume) for name in cfg.methods}
         if info.is_main:
-            table = write_comparison(cfg.run_dir, results)
-            log.info("results in %s\n%s", cfg.run_dir, table)
+            write_comparison(cfg.run_dir, results)
+            log.info("results in %s (comparison.md)", cfg.run_dir)
         return results
     finally:
         shutdown(info)
