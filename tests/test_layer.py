@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -193,3 +194,30 @@ def test_op_validation_names_arguments():
         mk.moe_lora_linear(**inp, routing=R_wrong, scale=1.0)
     with pytest.raises(ValueError, match="seed is required"):
         mk.moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1)
+
+
+def test_rank_above_a_backend_limit_falls_back_once(monkeypatch):
+    """SPEC §5: a rank above a kernel's limit falls back (to a backend that can) and says so once."""
+    from moecl_kernels import backends
+    from moecl_kernels.backends.eager import EagerBackend
+
+    class Limited(EagerBackend):
+        name, priority = "limited", 5
+
+        def shape_unsupported_reason(self, rank, num_experts):
+            return f"r={rank} is above the limited kernels' limit of 4" if rank > 4 else None
+
+    monkeypatch.setitem(backends._factories, "limited", Limited)
+    monkeypatch.setattr(backends, "_warned", set())
+    small, big = make(r=4), make(r=8)
+    x = torch.randn(6, 24)
+    small.backend = big.backend = "limited"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small(x, task_ids=1)
+        y = big(x, task_ids=1)
+        big(x, task_ids=1)
+    msgs = [str(w.message) for w in caught if "limited" in str(w.message)]
+    assert msgs == ["moecl_kernels: backend 'limited' cannot run this layer (r=8 is above the limited kernels' "
+                    "limit of 4); falling back to 'eager'"]
+    assert rel_err(y, reference(big, x, torch.full((6,), 1))) < 1e-6

@@ -119,6 +119,30 @@ def resolve_backend(name: Optional[str], x: Tensor) -> str:
     return best
 
 
+def fallback_for_shape(name: str, x: Tensor, rank: int, num_experts: int) -> str:
+    """``name``, or the best other backend if ``name`` cannot run this rank / expert count.
+
+    A backend with kernel limits implements ``shape_unsupported_reason(rank, num_experts)``;
+    when it objects, the op falls back (explicit request or not) and says so once.
+    """
+    check = getattr(backend(name), "shape_unsupported_reason", None)
+    why = check(rank, num_experts) if check is not None else None
+    if why is None:
+        return name
+    alternatives = []
+    for n in _factories if x.device.type != "cpu" else ["eager"]:  # the same rule as auto
+        b = get_backend(n)
+        if n == name or b is None or b.priority < 0 or _reason(n, x) is not None:
+            continue
+        c = getattr(b, "shape_unsupported_reason", None)
+        if c is None or c(rank, num_experts) is None:
+            alternatives.append((b.priority, n))
+    alt = max(alternatives)[1] if alternatives else "eager"
+    warn_once(f"shape-{name}-{rank}-{num_experts}",
+              f"moecl_kernels: backend {name!r} cannot run this layer ({why}); falling back to {alt!r}")
+    return alt
+
+
 def backend(name: str) -> Backend:
     b = get_backend(name)
     if b is None:

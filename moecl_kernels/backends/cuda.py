@@ -240,6 +240,15 @@ class CudaBackend:
             )
         return None
 
+    def shape_unsupported_reason(self, rank: int, num_experts: int) -> Optional[str]:
+        """The kernels' limits (from the built extension): the op falls back beyond them."""
+        info = _build_info()
+        if rank > info["max_rank"]:
+            return f"r={rank} is above the cuda kernels' limit of {info['max_rank']}"
+        if num_experts > info["max_experts"]:
+            return f"num_tasks={num_experts} is above the cuda kernels' limit of {info['max_experts']}"
+        return None
+
     def forward(self, a: FwdArgs):
         ext, why = load_extension()
         if ext is None:
