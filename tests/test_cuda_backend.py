@@ -286,16 +286,7 @@ KERNEL_CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """Every torch.empty (kernel outputs, partials, workspaces) starts as NaN."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
 
 
 def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

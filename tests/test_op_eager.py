@@ -12,6 +12,8 @@ from helpers import RANK_EXPERTS, ROUTINGS, SIZES, op_inputs, rel_err, token_tas
 from moecl_kernels.ops import dropout_mask, moe_lora_linear, moe_lora_reference
 from moecl_kernels.routing import build_routing
 
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
+
 GRAD_NAMES = ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")
 
 

@@ -62,16 +62,7 @@ EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7
 GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """Every torch.empty (kernel outputs, workspaces) starts as NaN / INT_MAX."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------
