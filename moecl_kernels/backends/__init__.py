@@ -11,6 +11,7 @@ import threading
 import warnings
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from .base import Backend, BwdArgs, FwdArgs  # noqa: F401
@@ -141,6 +142,25 @@ def fallback_for_shape(name: str, x: Tensor, rank: int, num_experts: int) -> str
     warn_once(f"shape-{name}-{rank}-{num_experts}",
               f"moecl_kernels: backend {name!r} cannot run this layer ({why}); falling back to {alt!r}")
     return alt
+
+
+def choose_backend(requested: Optional[str], x: Tensor, rank: int, num_experts: int) -> str:
+    """The backend that runs this call: :func:`resolve_backend`, then :func:`fallback_for_shape`.
+
+    While torch.compile traces, the choice is made once, eagerly, and baked into the graph
+    as a constant (it depends only on the request, device, dtype and shape).
+    """
+    if torch.compiler.is_compiling():
+        return _choose_constant(requested or default_backend_name(), x.device.type, x.device.index, x.dtype,
+                                rank, num_experts)
+    return fallback_for_shape(resolve_backend(requested, x), x, rank, num_experts)
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(requested: str, device_type: str, device_index: Optional[int], dtype: torch.dtype,
+                     rank: int, num_experts: int) -> str:
+    probe = torch.empty(0, device=torch.device(device_type, device_index), dtype=dtype)
+    return fallback_for_shape(resolve_backend(requested, probe), probe, rank, num_experts)
 
 
 def backend(name: str) -> Backend:

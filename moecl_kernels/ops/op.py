@@ -237,7 +237,7 @@ def moe_lora_linear(
     validate(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p)
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0 (a 0-dim int64 CPU tensor)")
-    name = _bk.fallback_for_shape(_bk.resolve_backend(backend, x), x, shared_A.shape[0], task_A.shape[0])
+    name = _bk.choose_backend(backend, x, shared_A.shape[0], task_A.shape[0])
     y, _, _, _ = moe_lora_fwd(
         x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight,
         routing.token_task, routing.sorted_idx, routing.expert_offsets, routing.offsets_cpu, routing.single_task,
