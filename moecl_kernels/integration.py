@@ -174,9 +174,8 @@ def inject(
     """
     if is_injected(model):
         raise ValueError("model is already injected; use mk.add_tasks(model, n) to grow it")
-    names = find_targets(model, target_modules)  # validates before changing anything
-    probe = FusedMoELoRALinear(nn.Linear(1, 1, device="meta"), num_tasks, r, alpha, dropout, gate, rslora)
-    del probe  # argument validation (num_tasks, r, dropout) before the model changes
+    names = find_targets(model, target_modules)  # validate everything before changing anything
+    FusedMoELoRALinear.check_args(num_tasks, r, dropout)
     for p in model.parameters():
         p.requires_grad_(False)
     ctx = RoutingContext(int(num_tasks))

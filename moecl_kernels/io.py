@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .integration import config as _config
-from .integration import inject, is_injected, moe_layers
+from .integration import find_targets, inject, is_injected, moe_layers
 
 WEIGHTS_NAME = "moecl_adapter.safetensors"
 CONFIG_NAME = "moecl_config.json"
@@ -114,7 +114,6 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
             )
         targets = _adapter_tensors(model)
     else:
-        from .integration import find_targets
         try:
             names = find_targets(model, cfg["target_modules"])
         except (ValueError, TypeError) as e:

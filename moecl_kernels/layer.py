@@ -56,12 +56,7 @@ class FusedMoELoRALinear(nn.Module):
                 + (" (GPT-2 style transformers Conv1D is not supported: its weight is transposed)"
                    if type(base_linear).__name__ == "Conv1D" else "")
             )
-        if int(num_tasks) < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        if int(r) < 1:
-            raise ValueError(f"r must be >= 1, got {r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.check_args(num_tasks, r, dropout)
         self.in_features = base_linear.in_features
         self.out_features = base_linear.out_features
         self.weight = base_linear.weight
@@ -90,6 +85,16 @@ class FusedMoELoRALinear(nn.Module):
         self._moecl_ctx: Optional["RoutingContext"] = None
         self._moecl_name: str = ""
         self._stack_cache: Optional[tuple] = None
+
+    @staticmethod
+    def check_args(num_tasks: int, r: int, dropout: float) -> None:
+        """Raise ValueError (naming the argument) for an unusable num_tasks, r or dropout."""
+        if int(num_tasks) < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if int(r) < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
     # ------------------------------------------------------------------ experts
     @property

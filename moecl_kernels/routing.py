@@ -134,41 +134,27 @@ def build_routing(
         tok = t.reshape(-1)
 
     dev = torch.device(device) if device is not None else t.device
-    single = SINGLE_MIXED
-    offsets_cpu = None
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    # Group tokens by task where the ids are (the host, usually), then move the result.
+    # scatter_add rather than bincount: a static output shape (traceable by torch.compile).
+    key = torch.where(tok < 0, torch.full_like(tok, num_tasks), tok).long()
+    counts = torch.zeros(num_tasks + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(num_tasks + 1, dtype=torch.int64, device=key.device)
+    offsets[1:] = torch.cumsum(counts[:num_tasks], 0)
+    sorted_idx = torch.argsort(key, stable=True).to(torch.int32)
+    single, offsets_cpu = SINGLE_MIXED, None
+    if key.device.type == "cpu" and not torch.compiler.is_compiling():
         # host-side analysis: free, no device sync (skipped while tracing: it is data-dependent)
-        key = torch.where(tok < 0, torch.full_like(tok, num_tasks), tok).long()
-        counts = torch.bincount(key, minlength=num_tasks + 1)
-        offsets_cpu = torch.zeros(num_tasks + 1, dtype=torch.int64)
-        offsets_cpu[1:] = torch.cumsum(counts[:num_tasks], 0)
-        nz = (counts > 0).nonzero().flatten().tolist()
-        if len(nz) == 1:
-            single = SINGLE_NONE if nz[0] == num_tasks else nz[0]
-        sorted_idx = torch.argsort(key, stable=True).to(torch.int32)
-        tok32 = tok.to(torch.int32)
-        token_task = tok32.to(dev, non_blocking=True)
-        sorted_idx = sorted_idx.to(dev, non_blocking=True)
-        expert_offsets = offsets_cpu.to(torch.int32).to(dev, non_blocking=True)
-    else:
-        tok = tok.to(dev)
-        key = torch.where(tok < 0, torch.full_like(tok, num_tasks), tok).long()
-        # scatter_add rather than bincount: a static output shape (traceable by torch.compile)
-        counts = torch.zeros(num_tasks + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
-        expert_offsets = torch.zeros(num_tasks + 1, dtype=torch.int32, device=dev)
-        expert_offsets[1:] = torch.cumsum(counts[:num_tasks], 0).to(torch.int32)
-        sorted_idx = torch.argsort(key, stable=True).to(torch.int32)
-        token_task = tok.to(torch.int32)
-    am = None
-    if attention_mask is not None and batch_shape is not None:
-        am = attention_mask
+        offsets_cpu = offsets
+        present = (counts > 0).nonzero().flatten().tolist()
+        if len(present) == 1:
+            single = SINGLE_NONE if present[0] == num_tasks else present[0]
     return Routing(
-        token_task=token_task,
-        sorted_idx=sorted_idx,
-        expert_offsets=expert_offsets,
+        token_task=tok.to(device=dev, dtype=torch.int32),
+        sorted_idx=sorted_idx.to(dev),
+        expert_offsets=offsets.to(device=dev, dtype=torch.int32),
         num_tasks=num_tasks,
         single_task=single,
         offsets_cpu=offsets_cpu,
         batch_shape=batch_shape,
-        attention_mask=am,
+        attention_mask=attention_mask,
     )

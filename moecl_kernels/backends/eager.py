@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dropout import apply_dropout
+from ..ops.dropout import apply_dropout, dropout_scale
 from .base import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype, host_offsets
 
 
@@ -88,7 +88,8 @@ class EagerBackend:
         need_gate = a.gate_weight is not None and (a.needs_gate or a.needs_dx)
         any_task_grad = a.needs_task and any(a.trainable(e) for e in range(E))
         need_xd = a.needs_shared or any_task_grad
-        xd = apply_dropout(x, a.dropout_p, a.seed) if need_xd else None
+        mask = dropout_scale(x, a.dropout_p, a.seed) if (need_xd or a.needs_dx) else None  # one hash pass
+        xd = (x if mask is None else x * mask) if need_xd else None
         need_dxd = a.needs_dx
         dx = F.linear(gy, a.weight.t()) if a.needs_dx else None  # base dgrad: gy @ W
         gbeta = torch.zeros_like(coef) if need_gate else None  # dL/dbeta (fp32)
@@ -133,7 +134,7 @@ class EagerBackend:
 
         dgate = None
         if need_dxd:
-            dx.add_(apply_dropout(dxd, a.dropout_p, a.seed))
+            dx.add_(dxd if mask is None else dxd * mask)
         if need_gate:
             beta = coef  # for tokens with a task and gate on, coef == beta
             has = (a.token_task >= 0).unsqueeze(1)

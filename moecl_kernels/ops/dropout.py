@@ -66,12 +66,17 @@ def dropout_mask(seed: int, num_rows: int, num_cols: int, p: float, device=None)
     return keep_mask(seed, rows, cols, p)
 
 
-def apply_dropout(x: torch.Tensor, p: float, seed: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * keep / (1 - p)`` for a 2-D ``x``; ``rows`` are the global row indices of ``x``'s rows."""
+def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+    """``keep / (1 - p)`` in x's dtype for a 2-D ``x`` (rows = x's rows), or None when p == 0.
+
+    Build it once and multiply every tensor that needs the same mask with it."""
     if p == 0.0:
-        return x
-    if rows is None:
-        rows = torch.arange(x.shape[0], device=x.device)
-    cols = torch.arange(x.shape[1], device=x.device)
-    keep = keep_mask(seed, rows, cols, p)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+        return None
+    keep = dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``x * keep / (1 - p)`` for a 2-D ``x`` whose rows are tokens 0..T-1."""
+    scale = dropout_scale(x, p, seed)
+    return x if scale is None else x * scale
