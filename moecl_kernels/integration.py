@@ -1,127 +1,85 @@
-"""Hugging Face integration: ``inject``, model-wide routing, ``use_tasks``, ``set_trainable``.
+"""Hugging Face integration: ``inject``, ``use_tasks``, ``set_trainable`` and friends.
 
-``inject`` replaces the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear`
-and installs one :class:`RoutingContext` on the model. A forward pre-hook on the model
-takes ``task_ids=`` out of the call (HF models do not know it) and starts a new
-forward; the first injected layer that runs builds the routing (token->task map,
-grouped token order, offsets, pooling weights) and every other layer reuses it.
+``inject`` replaces the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear` and
+installs two hooks on every module that contains one (the model and its submodules): a
+forward pre-hook that takes ``task_ids=`` out of the call and opens a routing context for
+that call, and a forward hook, always called, that closes it. The layers find the routing
+in force through ``routing.context_for`` (see ``routing/context.py``); nothing about
+routing is stored on the model. The hooks are plain functions, so an injected model
+deep-copies, pickles and ``torch.save``s like any module.
+
+Everything that acts on "the model" takes any module: it acts on the routed layers inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .backends import get_backend
 from .layer import FusedMoELoRALinear
-from .routing import Routing, RoutingError, TaskIds, build_routing
+from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, close_hook, open_hook, pop, push,
+                      routed_modules, structure_changed)
 
-STATE_ATTR = "_moecl"
-
-
-class RoutingContext:
-    """Per-model routing state shared by every injected layer."""
-
-    def __init__(self, num_tasks: int) -> None:
-        self.num_tasks = num_tasks
-        self.backend: Optional[str] = None
-        self.forward_id = 0
-        self._call_task_ids: Optional[TaskIds] = None
-        self._call_mask: Optional[Tensor] = None
-        self._stack: list[tuple[TaskIds, Optional[Tensor]]] = []  # mk.use_tasks
-        self._cache: dict = {}
-        self.collect: Union[bool, frozenset] = False
-        self.pooled: dict[str, Tensor] = {}
-
-    # called by the model's forward pre-hook
-    def begin_forward(self, task_ids: Optional[TaskIds], attention_mask: Optional[Tensor]) -> None:
-        self.forward_id += 1
-        self._call_task_ids = task_ids
-        self._call_mask = attention_mask
-        self._cache = {}
-        self.pooled = {}
-
-    def _source(self) -> tuple[TaskIds, Optional[Tensor]]:
-        if self._call_task_ids is not None:
-            mask = self._call_mask
-            return self._call_task_ids, mask
-        if self._stack:
-            ids, mask = self._stack[-1]
-            return ids, mask if mask is not None else self._call_mask
-        raise RoutingError(
-            "task_ids is missing: call model(..., task_ids=t) or wrap the call in "
-            "`with mk.use_tasks(model, t):` (generate() and custom loops)"
-        )
-
-    def routing_for(self, num_tokens: int, device: torch.device) -> Routing:
-        key = (num_tokens, str(device))
-        r = self._cache.get(key)
-        if r is None:
-            ids, mask = self._source()
-            r = build_routing(ids, self.num_tasks, num_tokens, device=device)
-            if mask is not None and r.batch_shape is not None and tuple(mask.shape) == tuple(r.batch_shape):
-                r.attention_mask = mask
-            self._cache[key] = r
-        return r
-
-    def wants_pooled(self, name: str) -> bool:
-        return bool(self.collect) and (self.collect is True or name in self.collect)
-
-    def store_pooled(self, name: str, p: Tensor) -> None:
-        self.pooled[name] = p
-
-
-@dataclass
-class MoECLState:
-    ctx: RoutingContext
-    config: dict
-    layer_names: list[str] = field(default_factory=list)
-    hook_handles: list = field(default_factory=list)
-
-
-def _state(model: nn.Module) -> MoECLState:
-    st = getattr(model, STATE_ATTR, None)
-    if st is None:
-        raise ValueError("model has no MoE-CL layers: prepare it with mk.inject(model, ...) first")
-    return st
-
-
-def is_injected(model: nn.Module) -> bool:
-    return getattr(model, STATE_ATTR, None) is not None
+CONFIG_ATTR = "_moecl_config"  # the inject() arguments, on the module inject() was called on
 
 
 def moe_layers(model: nn.Module) -> dict[str, FusedMoELoRALinear]:
-    """Every injected layer by its module name."""
+    """Every injected layer inside ``model``, by its module name relative to ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FusedMoELoRALinear)}
 
 
-def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
-    if isinstance(targets, str):  # PEFT semantics: one string is a regex on the full name
+def is_injected(model: nn.Module) -> bool:
+    """True if ``model`` contains routed (MoE-CL) layers."""
+    return any(isinstance(m, RoutedModule) for m in model.modules())
+
+
+def _layers(model: nn.Module) -> dict[str, FusedMoELoRALinear]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no MoE-CL layers: prepare it with mk.inject(model, ...) first")
+    return layers
+
+
+def num_tasks(model: nn.Module) -> int:
+    """The task count shared by every injected layer of ``model``."""
+    counts = {layer.num_tasks for layer in _layers(model).values()}
+    if len(counts) != 1:
+        raise ValueError(f"the injected layers of this model disagree on num_tasks: {sorted(counts)}")
+    return counts.pop()
+
+
+# --------------------------------------------------------------------------- target matching
+def matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
+    """PEFT's rule: one string is a regex on the full module name; a list holds name suffixes
+    (``"up_proj"`` matches ``model.layers.0.mlp.up_proj``)."""
+    if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[str]:
-    """Names of the modules ``inject`` would replace; raises on unsupported module types."""
-    names = []
+    """Names of the modules ``inject`` would replace; raises on unsupported module types and
+    on a listed name that matches no ``nn.Linear``."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a regex or a non-empty list of module names, got {target_modules!r}")
+    names, hit = [], set()
     for name, mod in model.named_modules():
-        if not name or not _matches(name, target_modules):
+        if not name or not matches(name, target_modules):
             continue
         if isinstance(mod, FusedMoELoRALinear):
             raise ValueError(f"module {name!r} is already a FusedMoELoRALinear (model injected twice?)")
         if isinstance(mod, nn.Linear):
             names.append(name)
+            if not isinstance(target_modules, str):
+                hit.update(t for t in target_modules if name == t or name.endswith("." + t))
         elif type(mod).__name__ == "Conv1D":
             raise TypeError(
                 f"target_modules matched {name!r}, a transformers Conv1D (GPT-2 style, transposed weight), "
@@ -133,23 +91,29 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
             raise TypeError(
                 f"target_modules matched {name!r} of type {type(mod).__name__}; only torch.nn.Linear is supported"
             )
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; the model's Linear names are {linear}")
+    if not isinstance(target_modules, str) and len(hit) < len(target_modules):
+        missing = [t for t in target_modules if t not in hit]
+        raise ValueError(f"target_modules names {missing} that match no nn.Linear of the model; its Linear names are {linear}")
     return names
 
 
-def _pre_hook(ctx: RoutingContext):
-    def hook(module, args, kwargs):
-        task_ids = kwargs.pop("task_ids", None)
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) >= 2 and isinstance(args[1], Tensor) and isinstance(args[0], Tensor):
-            if args[1].dim() == 2 and args[1].shape == args[0].shape[:2]:
-                mask = args[1]  # HF forward(input_ids, attention_mask, ...)
-        ctx.begin_forward(task_ids, mask)
-        return args, kwargs
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
-    return hook
+
+def install_hooks(model: nn.Module) -> None:
+    """Routing hooks on ``model`` and every submodule that contains a routed layer (idempotent)."""
+    for m in model.modules():
+        if isinstance(m, RoutedModule) or not routed_modules(m):
+            continue
+        if not any(h is open_hook for h in m._forward_pre_hooks.values()):
+            m.register_forward_pre_hook(open_hook, with_kwargs=True)
+            m.register_forward_hook(close_hook, always_call=True)
 
 
 def inject(
@@ -167,60 +131,82 @@ def inject(
     """Replace the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear` (in place).
 
     ``target_modules``: a list of module-name suffixes (``"up_proj"`` matches
-    ``model.layers.0.mlp.up_proj``) or one regex matched against full names. All
-    non-MoE parameters are frozen; shared experts, task experts and gates are trainable
-    (narrow that with :func:`set_trainable`). Afterwards ``model(..., task_ids=t)`` routes
-    each sequence to its task expert. Returns the model.
+    ``model.layers.0.mlp.up_proj``; every listed name must match) or one regex matched
+    against full names. All non-MoE parameters are frozen; shared experts, task experts and
+    gates are trainable (narrow that with :func:`set_trainable`). Afterwards
+    ``model(..., task_ids=t)`` -- or any submodule's call with ``task_ids=`` -- routes each
+    sequence to its task expert. Returns the model.
     """
     if is_injected(model):
         raise ValueError("model is already injected; use mk.add_tasks(model, n) to grow it")
     names = find_targets(model, target_modules)  # validate everything before changing anything
-    FusedMoELoRALinear.check_args(num_tasks, r, dropout)
+    num_tasks, r, alpha, dropout = FusedMoELoRALinear.check_args(num_tasks, r, dropout, alpha)
+    backend = None if backend in (None, "auto") else backend
+    if backend is not None:
+        _check_backend_name(backend)
     for p in model.parameters():
         p.requires_grad_(False)
-    ctx = RoutingContext(int(num_tasks))
-    ctx.backend = backend
     for name in names:
         lin = model.get_submodule(name)
-        layer = FusedMoELoRALinear(lin, num_tasks, r, alpha, dropout, gate, rslora, None, deterministic)
+        layer = FusedMoELoRALinear(lin, num_tasks, r, alpha, dropout, gate, rslora, backend, deterministic)
         layer.train(lin.training)  # keep the model's train/eval mode
-        layer._moecl_ctx = ctx
-        layer._moecl_name = name
         _set_submodule(model, name, layer)
-    config = dict(
-        target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
-        num_tasks=int(num_tasks), r=int(r), alpha=float(alpha), dropout=float(dropout), gate=bool(gate),
-        rslora=bool(rslora),
-    )
-    st = MoECLState(ctx=ctx, config=config, layer_names=names)
-    st.hook_handles.append(model.register_forward_pre_hook(_pre_hook(ctx), with_kwargs=True))
-    setattr(model, STATE_ATTR, st)
+    structure_changed()
+    install_hooks(model)
+    cfg = dict(target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+               num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora))
+    setattr(model, CONFIG_ATTR, cfg)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
+        hf_config.moecl = dict(cfg, modules=sorted(names))  # recorded by save_pretrained (mk.load reads it)
     return model
 
 
 def add_tasks(model: nn.Module, n: int) -> int:
-    """Grow every injected layer by ``n`` task experts (trained experts are kept). Returns the new count."""
-    st = _state(model)
-    for layer in moe_layers(model).values():
+    """Grow every injected layer by ``n`` task experts (trained experts are kept; the new ones
+    are frozen if ``set_trainable`` had frozen some). Returns the new count."""
+    layers = _layers(model)
+    num_tasks(model)  # refuse a model whose layers disagree
+    for layer in layers.values():
         layer.add_tasks(n)
-    st.ctx.num_tasks += n
-    st.config["num_tasks"] = st.ctx.num_tasks
-    return st.ctx.num_tasks
+    count = num_tasks(model)
+    for m in model.modules():
+        for cfg in (m.__dict__.get(CONFIG_ATTR), getattr(getattr(m, "config", None), "moecl", None)):
+            if isinstance(cfg, dict):
+                cfg["num_tasks"] = count
+    return count
 
 
 @contextlib.contextmanager
 def use_tasks(model: nn.Module, task_ids: TaskIds, attention_mask: Optional[Tensor] = None) -> Iterator[nn.Module]:
-    """Route every forward inside the block with ``task_ids`` (for ``generate()`` and custom loops).
+    """Route every forward of ``model`` (or of its submodules) inside the block with ``task_ids``
+    (for ``generate()`` and custom loops).
 
-    Per-sequence ids broadcast over whatever sequence length each forward has
-    (prefill, then one token per decode step).
+    Per-sequence ids [B] broadcast over whatever sequence length each forward has (prefill,
+    then one token per decode step, the encoder of an encoder-decoder) and over k*B rows when
+    generate() expands each sequence (beams, several return sequences).
     """
-    ctx = _state(model).ctx
-    ctx._stack.append((task_ids, attention_mask))
+    _layers(model)
+    ctx = push(RoutingContext(model, task_ids, attention_mask, expand_batch=True))
     try:
         yield model
     finally:
-        ctx._stack.pop()
+        pop(ctx)
+        if ctx.pooled or PooledResults.ATTR in model.__dict__:
+            PooledResults.of(model).set(ctx.pooled)
+
+
+def _task_list(task) -> list[int]:
+    if task is None:
+        return []
+    items = [task] if not isinstance(task, (list, tuple, set, frozenset, range)) else list(task)
+    out = []
+    for k in items:
+        try:
+            out.append(operator.index(k))  # ints, numpy integers, integer 0-d tensors
+        except TypeError:
+            raise ValueError(f"task must be an int or a list of ints, got {k!r}") from None
+    return out
 
 
 def set_trainable(
@@ -228,14 +214,15 @@ def set_trainable(
 ) -> list[str]:
     """Freeze everything, then make the shared experts (``shared``), task expert(s) ``task``
     and the gates (``gate``) trainable. Returns the names of the trainable parameters."""
-    st = _state(model)
-    tasks = [] if task is None else ([task] if isinstance(task, int) else list(task))
+    layers = _layers(model)
+    E = num_tasks(model)
+    tasks = _task_list(task)
     for k in tasks:
-        if not 0 <= k < st.ctx.num_tasks:
-            raise ValueError(f"task={k} is out of range for num_tasks={st.ctx.num_tasks}")
+        if not 0 <= k < E:
+            raise ValueError(f"task={k} is out of range for num_tasks={E}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in moe_layers(model).values():
+    for layer in layers.values():
         layer.lora_shared_A.requires_grad_(shared)
         layer.lora_shared_B.requires_grad_(shared)
         if layer.moe_gate is not None:
@@ -246,35 +233,53 @@ def set_trainable(
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _check_backend_name(backend: str) -> None:
+    get_backend(backend)  # ValueError naming the known backends for an unknown name
+
+
 def set_backend(model: nn.Module, backend: Optional[str]) -> None:
     """Backend for every injected layer (None or 'auto' = ``$MOECL_BACKEND`` / auto)."""
-    _state(model).ctx.backend = None if backend in (None, "auto") else backend
-    for layer in moe_layers(model).values():
-        layer.backend = None
+    if backend not in (None, "auto"):
+        _check_backend_name(backend)
+    for layer in _layers(model).values():
+        layer.backend = None if backend in (None, "auto") else backend
 
 
 def collect_pooled(model: nn.Module, enabled: bool = True, modules: Optional[Iterable[str]] = None) -> None:
-    """From the next forward on, store each injected module's pooled shared-path output
-    p_n (SPEC §1) for :func:`pooled_outputs`; ``modules`` restricts it to those names."""
-    ctx = _state(model).ctx
-    if not enabled:
-        ctx.collect = False
-    elif modules is None:
-        ctx.collect = True
-    else:
+    """From the next forward on, keep each injected module's pooled shared-path output p_n
+    (docs/spec.md) for :func:`pooled_outputs`; ``modules`` restricts it to those names."""
+    layers = _layers(model)
+    names = None
+    if enabled and modules is not None:
         names = frozenset(modules)
-        unknown = names - set(moe_layers(model))
+        unknown = names - set(layers)
         if unknown:
             raise ValueError(f"modules names unknown injected modules: {sorted(unknown)}")
-        ctx.collect = names
-    ctx.pooled = {}
+    for name, layer in layers.items():
+        layer.collect_pooled = bool(enabled) and (names is None or name in names)
+    PooledResults.of(model).set({})
 
 
 def pooled_outputs(model: nn.Module) -> dict[str, Tensor]:
-    """p_n [B, d_out] per module from the last forward (differentiable; empty unless collect_pooled)."""
-    return dict(_state(model).ctx.pooled)
+    """p_n [B, d_out] per module from the last call that routed ``model`` (``model(...,
+    task_ids=)`` or a ``use_tasks`` block); differentiable; empty unless collect_pooled."""
+    res = model.__dict__.get(PooledResults.ATTR)
+    if res is None or not res.by_layer:
+        return {}
+    return {name: res.by_layer[layer] for name, layer in _layers(model).items() if layer in res.by_layer}
 
 
 def config(model: nn.Module) -> dict:
-    """The injection config (num_tasks, r, alpha, dropout, gate, rslora, target_modules)."""
-    return dict(_state(model).config)
+    """The injection config (target_modules, num_tasks, r, alpha, dropout, gate, rslora), read
+    from the layers (``target_modules`` as given to ``inject``, when one inject covers ``model``)."""
+    layers = list(_layers(model).values())
+    first = layers[0]
+    cfg = dict(num_tasks=num_tasks(model), r=first.r, alpha=first.lora_alpha, dropout=first.dropout_p,
+               gate=first.gate, rslora=first.use_rslora)
+    for key, get in (("r", lambda m: m.r), ("alpha", lambda m: m.lora_alpha), ("dropout", lambda m: m.dropout_p),
+                     ("gate", lambda m: m.gate), ("rslora", lambda m: m.use_rslora)):
+        if any(get(m) != cfg[key] for m in layers):
+            raise ValueError(f"the injected layers of this model disagree on {key}")
+    roots = [m.__dict__[CONFIG_ATTR] for m in model.modules() if CONFIG_ATTR in m.__dict__]
+    cfg["target_modules"] = roots[0]["target_modules"] if len(roots) == 1 else None
+    return cfg

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -17,11 +18,12 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
+from .integration import CONFIG_ATTR, find_targets, inject, is_injected, moe_layers
 from .integration import config as _config
-from .integration import find_targets, inject, is_injected, moe_layers
 
 WEIGHTS_NAME = "moecl_adapter.safetensors"
 CONFIG_NAME = "moecl_config.json"
+HF_CONFIG_NAME = "config.json"  # a save_pretrained() folder of an injected model (its "moecl" entry)
 FORMAT_VERSION = 1
 _INJECT_KEYS = ("target_modules", "num_tasks", "r", "alpha", "dropout", "gate", "rslora")
 
@@ -31,16 +33,7 @@ class LoadError(ValueError):
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in moe_layers(model).items():
-        out[f"{name}.lora_shared_A"] = layer.lora_shared_A
-        out[f"{name}.lora_shared_B"] = layer.lora_shared_B
-        for k, (a, b) in enumerate(zip(layer.lora_task_A, layer.lora_task_B)):
-            out[f"{name}.lora_task_A.{k}"] = a
-            out[f"{name}.lora_task_B.{k}"] = b
-        if layer.moe_gate is not None:
-            out[f"{name}.moe_gate"] = layer.moe_gate
-    return out
+    return {f"{name}.{n}": p for name, layer in moe_layers(model).items() for n, p in layer.adapter_parameters()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -56,7 +49,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
-    """Write ``path/moecl_adapter.safetensors`` and ``path/moecl_config.json`` (atomically)."""
+    """Write ``path/moecl_adapter.safetensors`` and ``path/moecl_config.json`` (atomically).
+
+    ``model`` is the injected model or any module that contains injected layers; module
+    names are relative to it."""
     cfg = _config(model)
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
@@ -69,33 +65,65 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     return d
 
 
-def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise LoadError(f"path {str(path)!r} has no {p.name}")
+def _read_json(p: Path) -> dict:
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise LoadError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
-        raise LoadError(f"{cfg_path}: unsupported format_version {cfg.get('format_version') if isinstance(cfg, dict) else None!r}")
+        raise LoadError(f"{p} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{p} does not hold a JSON object")
+    return cfg
+
+
+def _read_safetensors(files: list[Path], keep=None) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in files:
+        try:
+            sd = load_file(str(f))
+        except Exception as e:  # truncated / corrupt file
+            raise LoadError(f"{f} could not be read ({type(e).__name__}: {e})") from e
+        out.update({k: v for k, v in sd.items() if keep is None or keep(k)})
+    return out
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, adapter tensors) from an mk.save folder or a save_pretrained folder of an injected model."""
+    if not path.is_dir():
+        raise LoadError(f"path {str(path)!r} is not a folder")
+    if (path / CONFIG_NAME).is_file() or not (path / HF_CONFIG_NAME).is_file():
+        for p in (path / CONFIG_NAME, path / WEIGHTS_NAME):
+            if not p.is_file():
+                raise LoadError(f"path {str(path)!r} has no {p.name}")
+        cfg = _read_json(path / CONFIG_NAME)
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise LoadError(f"{path / CONFIG_NAME}: unsupported format_version {cfg.get('format_version')!r}")
+        tensors = _read_safetensors([path / WEIGHTS_NAME])
+    else:  # model.save_pretrained(path) of an injected model: config.json has a "moecl" entry
+        cfg = _read_json(path / HF_CONFIG_NAME).get("moecl")
+        if not isinstance(cfg, dict):
+            raise LoadError(f"{path / HF_CONFIG_NAME} has no 'moecl' entry: this folder holds no MoE-CL adapter")
+        index = path / "model.safetensors.index.json"
+        files = (sorted({path / f for f in _read_json(index).get("weight_map", {}).values()}) if index.is_file()
+                 else [path / "model.safetensors"])
+        for f in files:
+            if not f.is_file():
+                raise LoadError(f"path {str(path)!r} has no {f.name}")
+        prefixes = tuple(f"{m}." for m in cfg.get("modules", []))
+        tensors = _read_safetensors(files, keep=lambda k: k.startswith(prefixes) and (".lora_" in k or k.endswith(".moe_gate")))
     missing = [k for k in _INJECT_KEYS + ("modules",) if k not in cfg]
     if missing:
-        raise LoadError(f"{cfg_path} lacks keys {missing}")
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as e:  # truncated / corrupt file
-        raise LoadError(f"{w_path} could not be read ({type(e).__name__}: {e})") from e
+        raise LoadError(f"the saved config in {str(path)!r} lacks keys {missing}")
     return cfg, tensors
 
 
 def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = True) -> nn.Module:
-    """Load a saved adapter into ``model``.
+    """Load a saved adapter into ``model`` (an ``mk.save`` folder, or the ``save_pretrained``
+    folder of an injected model).
 
-    A plain (not yet injected) model is injected with the saved config first; an injected
-    model must have the same modules, rank, task count and gate setting. Everything is
-    validated before the model changes; on error (:class:`LoadError`) it is untouched.
+    A plain (not yet injected) model is injected with the saved config first, at exactly the
+    saved modules; an injected model must have the same modules, rank, task count and gate
+    setting. Everything is validated before the model changes; on error (:class:`LoadError`)
+    it is untouched.
     """
     d = Path(path)
     cfg, tensors = _read(d)
@@ -114,19 +142,20 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
             )
         targets = _adapter_tensors(model)
     else:
+        exact = "|".join(re.escape(m) for m in modules) or "(?!)"
         try:
-            names = find_targets(model, cfg["target_modules"])
+            find_targets(model, exact)
         except (ValueError, TypeError) as e:
-            raise LoadError(f"the model does not fit the saved target_modules: {e}") from e
-        if sorted(names) != sorted(modules):
-            raise LoadError(f"the model's matching modules differ from the saved ones: {sorted(set(names) ^ set(modules))[:5]}")
+            raise LoadError(f"the model does not fit the saved modules: {e}") from e
+        absent = [m for m in modules if not isinstance(_get(model, m), nn.Linear)]
+        if absent:
+            raise LoadError(f"the model has no nn.Linear at saved modules {absent[:5]}")
         targets = None
     # expected keys and shapes, checked without changing the model
     expected = {}
+    r = int(cfg["r"])
     for name in modules:
-        lin = model.get_submodule(name)
-        d_out, d_in = lin.weight.shape
-        r = int(cfg["r"])
+        d_out, d_in = _get(model, name).weight.shape
         expected[f"{name}.lora_shared_A"] = (r, d_in)
         expected[f"{name}.lora_shared_B"] = (d_out, r)
         for k in range(int(cfg["num_tasks"])):
@@ -137,7 +166,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise LoadError(f"{d / WEIGHTS_NAME}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+        raise LoadError(f"{d}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
     for k, shape in expected.items():
         t = tensors[k]
         if tuple(t.shape) != shape:
@@ -148,11 +177,19 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
             raise LoadError(f"tensor {k!r} holds non-finite values")
     # all checks passed: now change the model
     if targets is None:
-        inject(model, **{k: cfg[k] for k in _INJECT_KEYS})
+        inject(model, **dict({k: cfg[k] for k in _INJECT_KEYS}, target_modules=exact))
+        model.__dict__[CONFIG_ATTR]["target_modules"] = cfg["target_modules"]
         targets = _adapter_tensors(model)
     with torch.no_grad():
         for k, p in targets.items():
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
     for layer in moe_layers(model).values():
-        layer._stack_cache = None
+        layer.invalidate_cache()
     return model
+
+
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -4,7 +4,9 @@ expert per task and a per-token gate, computed by the fused op of SPEC §1."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+import numbers
+import operator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -12,10 +14,9 @@ from torch import Tensor
 
 from .ops.op import moe_lora_linear
 from .ops.pooling import pooled_shared_path
-from .routing import Routing, RoutingError, TaskIds, build_routing
+from .routing import RoutedModule, Routing, RoutingError, TaskIds, keep_alive, structure_changed
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .integration import RoutingContext
+ADAPTER_PREFIXES = ("lora_", "moe_gate")  # the parameter names of the experts and the gate
 
 
 def _init_A(t: Tensor) -> Tensor:
@@ -24,7 +25,7 @@ def _init_A(t: Tensor) -> Tensor:
     return t
 
 
-class FusedMoELoRALinear(nn.Module):
+class FusedMoELoRALinear(RoutedModule):
     """Drop-in replacement for an ``nn.Linear`` with MoE-CL LoRA experts.
 
     y = x W^T + b + s * beta_shared * LoRA_shared(x~) + s * beta_task * LoRA_{t}(x~)
@@ -56,7 +57,7 @@ class FusedMoELoRALinear(nn.Module):
                 + (" (GPT-2 style transformers Conv1D is not supported: its weight is transposed)"
                    if type(base_linear).__name__ == "Conv1D" else "")
             )
-        self.check_args(num_tasks, r, dropout)
+        num_tasks, r, alpha, dropout = self.check_args(num_tasks, r, dropout, alpha)
         self.in_features = base_linear.in_features
         self.out_features = base_linear.out_features
         self.weight = base_linear.weight
@@ -80,21 +81,40 @@ class FusedMoELoRALinear(nn.Module):
             self.moe_gate = nn.Parameter(torch.empty(2, self.in_features, **fk).normal_(0.0, 0.02))
         else:
             self.register_parameter("moe_gate", None)
-        self.add_tasks(int(num_tasks))
-        # set by mk.inject: the model-wide routing context and this module's name in the model
-        self._moecl_ctx: Optional["RoutingContext"] = None
-        self._moecl_name: str = ""
         self._stack_cache: Optional[tuple] = None
+        self.add_tasks(num_tasks)
+        self.collect_pooled = False  # store p_n in the routing context (mk.collect_pooled)
+        structure_changed()
 
     @staticmethod
-    def check_args(num_tasks: int, r: int, dropout: float) -> None:
-        """Raise ValueError (naming the argument) for an unusable num_tasks, r or dropout."""
-        if int(num_tasks) < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        if int(r) < 1:
-            raise ValueError(f"r must be >= 1, got {r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    def check_args(num_tasks, r, dropout, alpha=16.0) -> tuple[int, int, float, float]:
+        """(num_tasks, r, alpha, dropout) as int, int, float, float; ValueError naming the
+        argument for a non-integer count, num_tasks or r < 1, alpha <= 0, dropout outside [0, 1)."""
+        def integer(name, v, lo):
+            try:
+                i = operator.index(v)
+            except TypeError:
+                i = None
+                if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point():
+                    i = int(v)
+            if i is None:
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if i < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {i}")
+            return i
+
+        def real(name, v):
+            if isinstance(v, bool) or not isinstance(v, (numbers.Real, Tensor)) or not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        num_tasks, r = integer("num_tasks", num_tasks, 1), integer("r", r, 1)
+        alpha, dropout = real("alpha", alpha), real("dropout", dropout)
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha:g}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout:g}")
+        return num_tasks, r, alpha, dropout
 
     # ------------------------------------------------------------------ experts
     @property
@@ -105,15 +125,43 @@ class FusedMoELoRALinear(nn.Module):
     def gate(self) -> bool:
         return self.moe_gate is not None
 
-    def add_tasks(self, n: int) -> None:
-        """Append ``n`` freshly initialised task experts; trained ones are kept as they are."""
+    def add_tasks(self, n: int, trainable: Optional[bool] = None) -> None:
+        """Append ``n`` freshly initialised task experts; trained ones are kept as they are.
+
+        ``trainable=None``: the new experts are trainable only if every existing one is (after
+        ``set_trainable(task=k)`` froze the others, new experts start frozen too)."""
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise ValueError(f"n must be an integer, got {n!r}") from None
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if trainable is None:
+            trainable = all(self.expert_trainable())
         fk = dict(device=self.weight.device, dtype=self.lora_shared_A.dtype)
         for _ in range(n):
-            self.lora_task_A.append(nn.Parameter(_init_A(torch.empty(self.r, self.in_features, **fk))))
-            self.lora_task_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **fk)))
+            a = nn.Parameter(_init_A(torch.empty(self.r, self.in_features, **fk)), requires_grad=trainable)
+            b = nn.Parameter(torch.zeros(self.out_features, self.r, **fk), requires_grad=trainable)
+            self.lora_task_A.append(a)
+            self.lora_task_B.append(b)
+        self.invalidate_cache()
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached stack of task experts (after changing experts outside autograd's view)."""
         self._stack_cache = None
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the shared expert, the task experts and the gate (not the frozen base)."""
+        return ((n, p) for n, p in self.named_parameters() if n.startswith(ADAPTER_PREFIXES))
+
+    @torch.no_grad()
+    def merge_task(self, k: int) -> None:
+        """Add task expert ``k``'s LoRA, ``s * B_k A_k``, into the base weight (for an ungated
+        layer its term is then part of the base for every token: O-LoRA's merge)."""
+        if self.gate:
+            raise ValueError("merge_task needs a layer without a gate (gate=False): a gated expert is not a fixed delta")
+        delta = self.scaling * (self.lora_task_B[k].float() @ self.lora_task_A[k].float())
+        self.weight.add_(delta.to(self.weight.dtype))
 
     def _stacked_experts(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """[E, r, d_in] and [E, d_out, r] stacks of the task experts, in ``dtype``.
@@ -135,25 +183,14 @@ class FusedMoELoRALinear(nn.Module):
         return [bool(a.requires_grad or b.requires_grad) for a, b in zip(self.lora_task_A, self.lora_task_B)]
 
     # ------------------------------------------------------------------ forward
-    def _routing(self, task_ids: Optional[TaskIds], routing: Optional[Routing], x: Tensor, T: int) -> Routing:
-        if routing is not None:
-            return routing
-        if task_ids is not None:
-            return build_routing(task_ids, self.num_tasks, T, device=x.device)
-        if self._moecl_ctx is not None:
-            return self._moecl_ctx.routing_for(T, x.device)
-        raise RoutingError(
-            "task_ids is missing: call layer(x, task_ids=t), or model(..., task_ids=t) / "
-            "mk.use_tasks(model, t) on a model prepared with mk.inject"
-        )
-
     def forward(self, x: Tensor, task_ids: Optional[TaskIds] = None, *, routing: Optional[Routing] = None) -> Tensor:
+        """``task_ids``: one int, [B] or [B, S] for x [B, S, d_in] (docs/spec.md, "Routing");
+        without it, the routing in force (``model(..., task_ids=)`` or ``mk.use_tasks``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features in its last dim but the layer expects in_features={self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        T = x2.shape[0]
-        R = self._routing(task_ids, routing, x, T)
+        R, ctx = self.routing_for(lead, x.device, task_ids, routing)
         dt = x2.dtype
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x2.device.type):  # what F.linear does under autocast
@@ -164,24 +201,25 @@ class FusedMoELoRALinear(nn.Module):
         A, B = self._stacked_experts(dt)
         gate = self.moe_gate.to(dt) if self.moe_gate is not None else None
         p = self.dropout_p if self.training else 0.0
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else None
-        ctx = self._moecl_ctx
+        # drawn on x's device: a captured CUDA graph replays a fresh seed
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if p > 0.0 else None
         y = moe_lora_linear(
             x2, weight, bias,
             self.lora_shared_A.to(dt), self.lora_shared_B.to(dt), A, B, gate, R,
             scale=self.scaling, dropout_p=p, seed=seed, expert_trainable=self.expert_trainable(),
-            deterministic=self.deterministic,
-            backend=self.backend if self.backend is not None else (ctx.backend if ctx is not None else None),
+            deterministic=self.deterministic, backend=self.backend,
         )
-        if ctx is not None and ctx.wants_pooled(self._moecl_name):
-            ctx.store_pooled(self._moecl_name, self.pooled(x2, R))
+        if ctx is not None:
+            keep_alive(y, [ctx])  # a checkpointed recomputation in backward finds this call's routing
+            if self.collect_pooled:
+                ctx.store_pooled(self, self.pooled(x2, R))
         return y.reshape(*lead, self.out_features)
 
     def pooled(self, x2: Tensor, routing: Routing) -> Tensor:
         """p_n of SPEC §1 for the flattened input x2 [T, d_in]: [B, d_out]."""
         B, S = routing.batch_shape if routing.batch_shape is not None else (None, None)
         if B is None:
-            raise RoutingError("pooled outputs need per-sequence task_ids ([batch] or [batch, seq])")
+            raise RoutingError("pooled outputs need a [batch, seq] input (the layer got flattened tokens)")
         dt = x2.dtype
         return pooled_shared_path(
             x2.view(B, S, self.in_features), routing.pool_weights(), self.weight.to(dt),

@@ -1,4 +1,4 @@
-"""``import_peft_lora``: a PEFT LoRA adapter becomes task expert k, exactly.
+"""``import_peft_lora``: a PEFT LoRA adapter becomes task expert k.
 
 PEFT computes ``s_p * (x A_p^T) B_p^T`` with ``s_p = alpha / r_p`` (``/ sqrt(r_p)`` for
 rsLoRA, per-module ``rank_pattern`` / ``alpha_pattern``). Expert k gets ``A_p`` in its
@@ -6,12 +6,17 @@ first ``r_p`` rows (rest zero) and ``B_p * s_p / s`` in its first ``r_p`` column
 ``s`` is the layer's own scaling, so ``s * (x A_k^T) B_k^T`` is PEFT's term. Injected
 modules the adapter does not cover get ``B_k = 0`` (no contribution). Everything is
 validated before the model changes.
+
+The model then computes PEFT's output exactly only where nothing else adds to it: layers
+without a gate (``gate=True`` scales the expert by beta_task and adds beta_shared times the
+shared expert) and a shared expert that is still zero. Otherwise the import warns.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import warnings
@@ -21,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from .integration import _state, moe_layers
+from .integration import moe_layers, num_tasks
 
 _PREFIX = "base_model.model."
 
@@ -68,9 +73,13 @@ def import_peft_lora(
 
     Returns the names of the injected modules the adapter covered.
     """
-    st = _state(model)
-    if not 0 <= int(task) < st.ctx.num_tasks:
-        raise ValueError(f"task={task} is out of range for num_tasks={st.ctx.num_tasks}")
+    E = num_tasks(model)
+    try:
+        task = operator.index(task)
+    except TypeError:
+        raise ValueError(f"task must be an integer, got {task!r}") from None
+    if not 0 <= task < E:
+        raise ValueError(f"task={task} is out of range for num_tasks={E}")
     if isinstance(peft_dir_or_model, (str, os.PathLike)):
         cfg, sd = _from_dir(Path(peft_dir_or_model))
     elif isinstance(peft_dir_or_model, nn.Module):
@@ -143,4 +152,15 @@ def import_peft_lora(
                 layer.lora_task_B[k].copy_(B.to(layer.lora_task_B[k].dtype))
             else:
                 layer.lora_task_B[k].zero_()
+            layer.invalidate_cache()
+    gated = sorted(n for n, layer in layers.items() if layer.gate)
+    shared = sorted(n for n, layer in layers.items() if bool(layer.lora_shared_B.detach().any()))
+    if gated or shared:
+        why = []
+        if gated:
+            why.append(f"{len(gated)} layers have a gate (beta_task scales the expert; inject with gate=False)")
+        if shared:
+            why.append(f"{len(shared)} layers have a non-zero shared expert (it adds to every task)")
+        warnings.warn(f"import_peft_lora: expert {k} holds the PEFT adapter exactly, but the model's output differs "
+                      f"from PEFT's: {'; '.join(why)}", stacklevel=2)
     return sorted(new)

@@ -130,8 +130,12 @@ def test_error_missing_routing():
 
 
 def test_error_task_ids_shape():
-    with pytest.raises(mk.RoutingError, match="task_ids has 3 entries but the input has 8 tokens"):
+    with pytest.raises(mk.RoutingError, match=r"task_ids has shape \[3\] but the input's tokens are \[8\]"):
         make()(torch.randn(8, 24), task_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(mk.RoutingError, match=r"task_ids has shape \[3\] but the input's tokens are \[2, 4\]"):
+        make()(torch.randn(2, 4, 24), task_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(mk.RoutingError, match=r"task_ids has shape \[4, 2\] but the input's tokens are \[2, 4\]"):
+        make()(torch.randn(2, 4, 24), task_ids=torch.zeros(4, 2, dtype=torch.long))
     with pytest.raises(mk.RoutingError, match="task_ids must hold integer task ids"):
         make()(torch.randn(8, 24), task_ids=torch.tensor([0.0, 1.0]))
 
@@ -153,6 +157,10 @@ def test_error_bad_base_module():
 
     with pytest.raises(TypeError, match="base_linear must be a torch.nn.Linear.*Conv1D"):
         mk.FusedMoELoRALinear(Conv1D(), num_tasks=2)
+    with pytest.raises(ValueError, match="num_tasks must be an integer, got 1.7"):
+        mk.FusedMoELoRALinear(nn.Linear(4, 4), num_tasks=1.7)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        mk.FusedMoELoRALinear(nn.Linear(4, 4), num_tasks=1, alpha=0)
     with pytest.raises(ValueError, match="num_tasks must be >= 1"):
         mk.FusedMoELoRALinear(nn.Linear(4, 4), num_tasks=0)
     with pytest.raises(ValueError, match="r must be >= 1"):

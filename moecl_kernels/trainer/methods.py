@@ -71,9 +71,7 @@ def orthogonality_loss(model: nn.Module, task: int) -> Tensor:
     return total
 
 
-@torch.no_grad()
 def merge_expert(model: nn.Module, task: int) -> None:
     """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight."""
     for layer in mk.moe_layers(model).values():
-        delta = layer.scaling * (layer.lora_task_B[task].float() @ layer.lora_task_A[task].float())
-        layer.weight.add_(delta.to(layer.weight.dtype))
+        layer.merge_task(task)

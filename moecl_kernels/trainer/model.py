@@ -167,8 +167,7 @@ class ContinualModel(nn.Module):
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every parameter a method can change (experts, gates, heads, discriminators), by name."""
-        keep = {id(p) for m in mk.moe_layers(self.backbone).values() for n, p in m.named_parameters()
-                if n.startswith(("lora_", "moe_gate"))}
+        keep = {id(p) for m in mk.moe_layers(self.backbone).values() for _, p in m.adapter_parameters()}
         out = {}
         for name, p in self.named_parameters():
             if id(p) in keep or not name.startswith("backbone."):
