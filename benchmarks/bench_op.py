@@ -1,7 +1,7 @@
 """Op microbenchmark of the fused MoE-LoRA linear: every provider against the base ``F.linear``.
 
     python -m benchmarks.bench_op --quick            # CPU, tiny shapes: tests the harness (CI)
-    python -m benchmarks.bench_op                    # GPU: SPEC §4 rows + the curated sweep (420 s budget)
+    python -m benchmarks.bench_op                    # GPU: docs/spec.md §4 rows + the curated sweep (420 s budget)
     python -m benchmarks.bench_op --full             # GPU: the whole cross product (hours)
 
 Each case (mode, d_in, d_out, r, E, T, routing, dtype) builds several rotation sets of
@@ -90,7 +90,7 @@ FUSED = ("triton", "cuda")
 
 
 def saved_bound_bytes(T: int, r: int) -> int:
-    """The "O(T·r)" of SPEC §4 made concrete: 16·T·(r + 2) bytes beyond x, i.e. two fp32 [T, r]
+    """The "O(T·r)" of docs/spec.md §4 made concrete: 16·T·(r + 2) bytes beyond x, i.e. two fp32 [T, r]
     intermediates, fp32 [T, 2] gates and int32 slack (T×d_out bf16 is 4096/(r+2)× more at d=4096)."""
     return 16 * T * (r + 2)
 
@@ -113,7 +113,7 @@ def quick_cases() -> list[Case]:
 def gpu_cases() -> list[Case]:
     """The curated GPU sweep (57 cases, bf16, budgeted at 420 s), around the SPEC shape d=4096 r=16 E=8:
 
-    1. the SPEC §4 rows;
+    1. the docs/spec.md §4 rows;
     2. T scan 1..16384 for every routing, forward; fwd+bwd for one-task and mixed batches;
     3. d_in/d_out in {2048, 4096, 8192} (square and both non-square FFN directions) at decode
        (T=16) and prefill/training (T=4096) sizes;
@@ -393,7 +393,7 @@ def run_case(c: Case, providers: list[Provider], device: torch.device, timer: Ti
 
 
 def evaluate_spec(results: list[dict], e2e: Optional[dict]) -> list[dict]:
-    """One row per SPEC §4 target: what was measured and whether the target is met."""
+    """One row per docs/spec.md §4 target: what was measured and whether the target is met."""
     by = {(r["label"], r["provider"]): r for r in results}
     rows = []
     for t in SPEC_TARGETS:
@@ -513,7 +513,7 @@ def header_md(env: dict, sweep: str, ceilings: dict) -> str:
 def report_md(env: dict, sweep: str, ceilings: dict, results: list[dict], spec: list[dict], providers: list[str],
               e2e: Optional[dict], details: bool) -> str:
     parts = ["# moecl-kernels op microbenchmark", header_md(env, sweep, ceilings),
-             "## SPEC §4 targets", _spec_md(spec),
+             "## docs/spec.md §4 targets", _spec_md(spec),
              "## Median time relative to base F.linear (same case, same run)",
              _summary_md(results, providers), "## Not run", _skips_md(results)]
     if e2e is not None:
@@ -590,7 +590,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--providers", help="comma-separated subset of providers (base is always included)")
     ap.add_argument("--time-budget", type=float, help="seconds; cases left when it runs out are reported as not run "
                                                       "(default: 420 for the curated GPU sweep, none otherwise)")
-    ap.add_argument("--e2e-json", type=Path, help="bench_e2e.py's JSON, for the end-to-end SPEC §4 row")
+    ap.add_argument("--e2e-json", type=Path, help="bench_e2e.py's JSON, for the end-to-end docs/spec.md §4 row")
     ap.add_argument("--inject-error", metavar="PROVIDER", help=argparse.SUPPRESS)  # tests: a wrong provider
     return ap.parse_args(argv)
 

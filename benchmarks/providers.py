@@ -5,7 +5,7 @@ A provider computes one of three semantics, and is checked against the float64 o
 
 * ``base``: y = x W^T (the floor every ratio is taken against)
 * ``lora``: plain LoRA of the routed task, no shared expert, no gate (what PEFT computes)
-* ``moe``:  the full op of SPEC §1 (shared + routed task expert, gated)
+* ``moe``:  the full op of docs/spec.md §1 (shared + routed task expert, gated)
 
 Providers: base (``F.linear``), eager / triton / cuda (the op's backends), reference (the
 per-token oracle formula in the working dtype: what a naive implementation costs), peft

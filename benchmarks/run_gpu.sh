@@ -16,7 +16,7 @@
 #   tests.log     pytest -m gpu
 #   sanitize.log  compute-sanitizer memcheck + racecheck of tools/sanitize_cuda.py and tools/sanitize_triton.py
 #   e2e.json      bench_e2e: fused vs eager vs PEFT training step on a 1.1B Llama-style model
-#   bench.json, bench.md, bench.png   bench_op: the curated sweep + SPEC §4 targets (+ the e2e row)
+#   bench.json, bench.md, bench.png   bench_op: the curated sweep + docs/spec.md §4 targets (+ the e2e row)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

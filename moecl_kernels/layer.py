@@ -1,5 +1,5 @@
 """``FusedMoELoRALinear``: a frozen ``nn.Linear`` plus a shared LoRA expert, one LoRA
-expert per task and a per-token gate, computed by the fused op of SPEC §1."""
+expert per task and a per-token gate, computed by the fused op of docs/spec.md §1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .ops.op import moe_lora_linear
+from .ops.linear import moe_lora_linear
 from .ops.pooling import pooled_shared_path
 from .routing import RoutedModule, Routing, RoutingError, TaskIds, keep_alive, structure_changed
 
@@ -20,7 +20,7 @@ ADAPTER_PREFIXES = ("lora_", "moe_gate")  # the parameter names of the experts a
 
 
 def _init_A(t: Tensor) -> Tensor:
-    # PEFT / SPEC §0: kaiming-uniform with a = sqrt(5)
+    # PEFT / docs/spec.md §0: kaiming-uniform with a = sqrt(5)
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
     return t
 
@@ -216,7 +216,7 @@ class FusedMoELoRALinear(RoutedModule):
         return y.reshape(*lead, self.out_features)
 
     def pooled(self, x2: Tensor, routing: Routing) -> Tensor:
-        """p_n of SPEC §1 for the flattened input x2 [T, d_in]: [B, d_out]."""
+        """p_n of docs/spec.md §1 for the flattened input x2 [T, d_in]: [B, d_out]."""
         B, S = routing.batch_shape if routing.batch_shape is not None else (None, None)
         if B is None:
             raise RoutingError("pooled outputs need a [batch, seq] input (the layer got flattened tokens)")

@@ -1,5 +1,5 @@
 """The benchmark harness (not the kernels' speed): ``--quick`` writes the table, JSON and PNG;
-a provider that disagrees with the reference fails the run; the SPEC §4 rows are judged right."""
+a provider that disagrees with the reference fails the run; the docs/spec.md §4 rows are judged right."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _module(*args: str) -> subprocess.CompletedProcess:
 def test_quick_writes_table_json_and_png(tmp_path):
     p = _module("benchmarks.bench_op", "--quick", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "## SPEC §4 targets" in p.stdout and "| case | base ms |" in p.stdout
+    assert "## docs/spec.md §4 targets" in p.stdout and "| case | base ms |" in p.stdout
     assert "not GPU numbers" in p.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
     meta = data["meta"]

@@ -36,11 +36,12 @@ from helpers import RANK_EXPERTS, ROUTINGS, SIZES, op_inputs, token_tasks
 import moecl_kernels
 from moecl_kernels import backends
 from moecl_kernels.backends import cuda as cuda_mod
-from moecl_kernels.backends.base import SINGLE_MIXED
+from moecl_kernels.contract import SINGLE_MIXED
 from moecl_kernels.ops import reference as reference_module
-from moecl_kernels.ops.dropout import apply_dropout
-from moecl_kernels.ops.op import moe_lora_bwd, moe_lora_fwd, moe_lora_linear
-from moecl_kernels.ops.reference import moe_lora_reference
+from moecl_kernels.contract import apply_dropout
+from moecl_kernels.ops.custom_ops import BWD_SCHEMA_ARGS, call_args, moe_lora_bwd, moe_lora_fwd
+from moecl_kernels.ops.linear import moe_lora_linear
+from moecl_kernels.contract import moe_lora_reference
 from moecl_kernels.routing import build_routing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -437,10 +438,12 @@ def test_backward_accepts_eager_forward_outputs():
     grads = {}
     for fwd_backend in ("eager", "cuda"):
         _, h_s, h_t, coef = moe_lora_fwd(*params, *routing_args, SCALE, p, seed, [], False, fwd_backend)
-        grads[fwd_backend] = moe_lora_bwd(
-            gy.to(DEVICE, torch.float32), t["x"], t["weight"], t["shared_A"], t["shared_B"], t["task_A"],
-            t["task_B"], t["gate_weight"], *routing_args, h_s, h_t, coef, SCALE, p, seed, [True] * 4, [], False,
-            "cuda")
+        grads[fwd_backend] = moe_lora_bwd(*call_args(
+            BWD_SCHEMA_ARGS, grad_y=gy.to(DEVICE, torch.float32), **t, token_task=rt.token_task,
+            sorted_idx=rt.sorted_idx, expert_offsets=rt.expert_offsets, offsets_cpu=rt.offsets_cpu,
+            single_task=rt.single_task, h_s=h_s, h_t=h_t, coef=coef, scale=SCALE, dropout_p=p, seed=seed,
+            needs_dx=True, needs_shared=True, needs_task=True, needs_gate=True, expert_trainable=[],
+            deterministic=False, backend="cuda"))
     for a, b in zip(grads["eager"], grads["cuda"]):
         assert max_rel_err(a, b.double()) <= 1e-5
 

@@ -1,4 +1,4 @@
-"""FusedMoELoRALinear: init, shapes, growth, errors (SPEC §2, §5)."""
+"""FusedMoELoRALinear: init, shapes, growth, errors (docs/spec.md §2, §5)."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def test_op_validation_names_arguments():
 
 
 def test_rank_above_a_backend_limit_falls_back_once(monkeypatch):
-    """SPEC §5: a rank above a kernel's limit falls back (to a backend that can) and says so once."""
+    """docs/spec.md §5: a rank above a kernel's limit falls back (to a backend that can) and says so once."""
     from moecl_kernels import backends
     from moecl_kernels.backends.eager import EagerBackend
 

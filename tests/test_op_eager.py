@@ -86,16 +86,15 @@ def test_frozen_experts_get_zero_grad(routing):
 
 def _backward_flops(trainable):
     """FLOPs of the eager backend's backward (called directly: the op itself is opaque to the counter)."""
-    from moecl_kernels.backends.base import BwdArgs
+    from moecl_kernels.contract import BwdArgs
     from moecl_kernels.backends.eager import EagerBackend
-    from moecl_kernels.ops.op import _fwd_args as make_fwd_args
+    from moecl_kernels.contract import FwdArgs
 
     inp, g = op_inputs(64, 32, 24, 4, 4, dtype=torch.float32, seed=3)
     inp = {k: v.detach() if v is not None else None for k, v in inp.items()}
     R = build_routing(torch.arange(64) % 4, 4, 64)  # every expert present, 16 tokens each
-    fa = make_fwd_args(*(inp[k] for k in ("x", "weight", "bias", "shared_A", "shared_B", "task_A", "task_B",
-                                          "gate_weight")), R.token_task, R.sorted_idx, R.expert_offsets,
-                       R.offsets_cpu, R.single_task, 2.0, 0.0, None)
+    fa = FwdArgs(**inp, token_task=R.token_task, sorted_idx=R.sorted_idx, expert_offsets=R.expert_offsets,
+                 offsets_cpu=R.offsets_cpu, single_task=R.single_task, scale=2.0, dropout_p=0.0, seed=None)
     be = EagerBackend()
     y, h_s, h_t, coef = be.forward(fa)
     a = BwdArgs(**fa.__dict__, grad_y=torch.ones_like(y), h_s=h_s, h_t=h_t, coef=coef, expert_trainable=trainable)
@@ -170,10 +169,14 @@ def test_opcheck_backward():
     y, h_s, h_t, coef = torch.ops.moecl.moe_lora_fwd(*_fwd_args({k: v.detach() if v is not None else None
                                                                  for k, v in inp.items()}, R, p))
     gy = torch.randn_like(y)
-    args = (gy, inp["x"].detach(), inp["weight"], inp["shared_A"].detach(), inp["shared_B"].detach(),
-            inp["task_A"].detach(), inp["task_B"].detach(), inp["gate_weight"].detach(), R.token_task, R.sorted_idx,
-            R.expert_offsets, R.offsets_cpu, R.single_task, h_s, h_t, coef, 1.3, p, torch.tensor(5),
-            [True, True, True, True], [True, False, True], False, "eager")
+    from moecl_kernels.ops.custom_ops import BWD_SCHEMA_ARGS, call_args
+
+    d = {k: v.detach() if v is not None else None for k, v in inp.items()}
+    args = call_args(BWD_SCHEMA_ARGS, grad_y=gy, **d, token_task=R.token_task, sorted_idx=R.sorted_idx,
+                     expert_offsets=R.expert_offsets, offsets_cpu=R.offsets_cpu, single_task=R.single_task,
+                     h_s=h_s, h_t=h_t, coef=coef, scale=1.3, dropout_p=p, seed=torch.tensor(5), needs_dx=True,
+                     needs_shared=True, needs_task=True, needs_gate=True, expert_trainable=[True, False, True],
+                     deterministic=False, backend="eager")
     torch.library.opcheck(torch.ops.moecl.moe_lora_bwd.default, args)
 
 

@@ -1,4 +1,4 @@
-"""PEFT import equivalence and save/load (SPEC §2, §5)."""
+"""PEFT import equivalence and save/load (docs/spec.md §2, §5)."""
 
 from __future__ import annotations
 

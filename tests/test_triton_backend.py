@@ -39,11 +39,12 @@ tl = pytest.importorskip("triton.language")
 from helpers import op_inputs, rel_err, token_tasks  # noqa: E402
 
 from moecl_kernels import backends as bk  # noqa: E402
-from moecl_kernels.backends.base import SINGLE_MIXED, BwdArgs, FwdArgs  # noqa: E402
+from moecl_kernels.contract import SINGLE_MIXED, BwdArgs, FwdArgs  # noqa: E402
 from moecl_kernels.backends.eager import EagerBackend  # noqa: E402
-from moecl_kernels.ops import dropout as D  # noqa: E402
-from moecl_kernels.ops.op import moe_lora_fwd, moe_lora_linear  # noqa: E402
-from moecl_kernels.ops.reference import moe_lora_reference  # noqa: E402
+from moecl_kernels.contract import dropout as D  # noqa: E402
+from moecl_kernels.ops.custom_ops import moe_lora_fwd
+from moecl_kernels.ops.linear import moe_lora_linear  # noqa: E402
+from moecl_kernels.contract import moe_lora_reference  # noqa: E402
 from moecl_kernels.routing import Routing, build_routing  # noqa: E402
 
 tb = pytest.importorskip("moecl_kernels.backends.triton.backend")

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .base import Backend, BwdArgs, FwdArgs  # noqa: F401
+from ..contract import Backend, BwdArgs, FwdArgs  # noqa: F401
 
 ENV_VAR = "MOECL_BACKEND"
 
@@ -177,7 +177,7 @@ def _eager() -> Backend:
 
 
 def _reference() -> Backend:
-    from .reference import ReferenceBackend
+    from ..contract.reference import ReferenceBackend
 
     return ReferenceBackend()
 

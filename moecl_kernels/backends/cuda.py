@@ -1,6 +1,6 @@
 """The ``cuda`` backend: cuBLAS for the two big GEMMs, the ``moecl_kernels._C`` kernels for the rest.
 
-Forward (SPEC §1, semantics in ``base.py``):
+Forward (docs/spec.md §1, semantics in ``base.py``):
 
 1. ``y = F.linear(x, W, b)`` (cuBLAS).
 2. ``shrink``: one read of each x tile gives ``h_s = x~ A_s^T``, ``h_t = x~ A_{t_i}^T`` (the
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._version import __version__
-from ..ops.dropout import threshold24
-from .base import SINGLE_MIXED, BwdArgs, FwdArgs
+from ..contract import SINGLE_MIXED, BwdArgs, FwdArgs
+from ..contract.dropout import threshold24
 
 NOT_BUILT = (
     "the CUDA extension moecl_kernels._C is not built (reinstall with a CUDA torch and nvcc: "

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dropout import apply_dropout, dropout_scale
-from .base import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype, host_offsets
+from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype, apply_dropout, dropout_scale, host_offsets
 
 
 def _coef(a: FwdArgs, x: Tensor) -> Tensor:

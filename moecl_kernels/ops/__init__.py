@@ -1,8 +1,8 @@
-"""The fused MoE-LoRA op: schema + autograd (``op``), the float64 oracle (``reference``)
-and the seeded dropout shared by all backends (``dropout``)."""
+"""The fused ops: the custom-op schemas, fakes and autograd (``custom_ops``), the validated
+Python entry point (``linear``) and the pooled shared path (``pooling``). The reference
+formula and the dropout hash live in ``moecl_kernels.contract``."""
 
-from .dropout import apply_dropout, dropout_mask
-from .op import moe_lora_linear, validate
-from .reference import moe_lora_reference, pooled_shared_reference
+from ..contract import apply_dropout, dropout_mask, moe_lora_reference, pooled_shared_reference
+from .linear import moe_lora_linear, validate
 
 __all__ = ["moe_lora_linear", "validate", "moe_lora_reference", "pooled_shared_reference", "apply_dropout", "dropout_mask"]

@@ -1,4 +1,4 @@
-"""The pooled shared path p_n of SPEC §1 (the discriminator's input).
+"""The pooled shared path p_n of docs/spec.md §1 (the discriminator's input).
 
 Pooling commutes with the linear shared path, so p_n costs one T x d_in reduction
 (a batched [1, S] x [S, d_in] product per sequence, no T x d_in temporary) and

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..backends.base import SINGLE_MIXED, SINGLE_NONE
+from ..contract import SINGLE_MIXED, SINGLE_NONE
 
 TaskIds = Union[int, Sequence[int], Tensor]
 

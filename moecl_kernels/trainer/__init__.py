@@ -1,5 +1,5 @@
 """Reference MoE-CL trainer: continual training of MoE-CL and its baselines over a
-task sequence, with ACC/BWT/FWT reports (SPEC §6). Entry points: :func:`run` and the
+task sequence, with ACC/BWT/FWT reports (docs/spec.md §6). Entry points: :func:`run` and the
 ``moecl-train`` CLI (:func:`moecl_kernels.trainer.cli.main`)."""
 
 from .config import METHODS, RunConfig, load_config

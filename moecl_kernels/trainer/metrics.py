@@ -1,7 +1,7 @@
-"""Continual-learning metrics of the accuracy matrix (SPEC §6).
+"""Continual-learning metrics of the accuracy matrix (docs/spec.md §6).
 
 ``R[i][j]`` is the test accuracy on task j after training tasks 0..i (0-based here;
-the SPEC writes 1-based), ``b[j]`` the untrained model's accuracy on task j:
+docs/spec.md §6 writes 1-based), ``b[j]`` the untrained model's accuracy on task j:
 
     ACC = mean_j R[T-1][j]
     BWT = mean_{i < T-1} (R[T-1][i] - R[i][i])     (forgetting: negative)

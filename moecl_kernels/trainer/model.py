@@ -100,7 +100,7 @@ class GradReverse(torch.autograd.Function):
 
 class Discriminators(nn.Module):
     """One bias-free linear task classifier per chosen injected module, on its pooled
-    shared-path output p_n (SPEC §1)."""
+    shared-path output p_n (docs/spec.md §1)."""
 
     def __init__(self, dims: dict[str, int], num_tasks: int) -> None:
         super().__init__()

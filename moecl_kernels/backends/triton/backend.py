@@ -42,8 +42,8 @@ import triton
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ...ops.dropout import MASK32, SEED_XOR, threshold24
-from ..base import SINGLE_MIXED, BwdArgs, FwdArgs, acc_dtype
+from ...contract import SINGLE_MIXED, BwdArgs, FwdArgs, acc_dtype
+from ...contract.dropout import MASK32, SEED_XOR, threshold24
 from . import configs
 from . import kernels as K
 from .configs import Tile, TileTable

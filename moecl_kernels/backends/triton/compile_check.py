@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
-from ..base import SINGLE_MIXED, BwdArgs, FwdArgs
+from ...contract import SINGLE_MIXED, BwdArgs, FwdArgs
 from . import configs
 from . import kernels as K
 from .backend import TritonBackend

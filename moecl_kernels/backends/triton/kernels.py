@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...ops import dropout as _d
+from ...contract import dropout as _d
 
 # Module constants a @triton.jit function reads must be tl.constexpr; launchers use ``.value``.
 ROUTE_SINGLE = tl.constexpr(0)

@@ -1,16 +1,18 @@
-"""The contract every backend of the fused MoE-LoRA op implements.
+"""The contract every backend of the fused MoE-LoRA op implements: its arguments (whose
+field order *is* the custom ops' schema order, see ``ops.custom_ops``), the saved tensors
+and the routing constants.
 
 A backend is an object with ``name``, ``priority``, ``unavailable_reason(x)``,
-``forward(FwdArgs)`` and ``backward(BwdArgs)``. The op (``moecl_kernels.ops.op``)
+``forward(FwdArgs)`` and ``backward(BwdArgs)``. The op (``moecl_kernels.ops``)
 validates inputs, resolves the backend and calls it; backends never see bad input.
 
-Semantics (SPEC §1), for token i with task ``t_i`` (-1 = no task):
+Semantics (docs/spec.md, "The linear op"), for token i with task ``t_i`` (-1 = no task):
 
     beta_i = softmax(x_i W_g^T)            (fp32)
     coef_i = [beta_s, beta_t] if gate and t_i >= 0
              [1, 1]           if no gate and t_i >= 0
              [1, 0]           if t_i == -1
-    x~     = dropout(x)  (``ops.dropout``: seeded hash, regenerated in backward)
+    x~     = dropout(x)  (``contract.dropout``: seeded hash, regenerated in backward)
     h_s    = x~ A_s^T,   h_t = x~ A_{t_i}^T  (0 for t_i = -1)       -- unscaled, ungated
     y      = x W^T + b + s*coef_s*h_s B_s^T + s*coef_t*h_t B_{t_i}^T
 
@@ -57,14 +59,14 @@ class FwdArgs:
     task_A: Tensor               # [E, r, d_in]
     task_B: Tensor               # [E, d_out, r]
     gate_weight: Optional[Tensor]  # [2, d_in]
-    token_task: Tensor
-    sorted_idx: Tensor
-    expert_offsets: Tensor
-    offsets_cpu: Optional[Tensor]
-    single_task: int
+    token_task: Tensor           # int32 [T]     (routing tensors: see the module docstring)
+    sorted_idx: Tensor           # int32 [T]
+    expert_offsets: Tensor       # int32 [E+1]
+    offsets_cpu: Optional[Tensor]  # int64 [E+1] on the host, or None
+    single_task: int             # >= 0, SINGLE_NONE or SINGLE_MIXED
     scale: float
     dropout_p: float
-    seed: int
+    seed: Optional[Tensor]       # 0-d int64, or None without dropout (``contract.dropout``)
 
 
 @dataclass
@@ -82,6 +84,20 @@ class BwdArgs(FwdArgs):
 
     def trainable(self, e: int) -> bool:
         return self.needs_task and (self.expert_trainable is None or bool(self.expert_trainable[e]))
+
+
+@dataclass
+class OpOptions:
+    """What the custom ops carry besides a backend's arguments (the last schema arguments)."""
+
+    expert_trainable: list[bool]   # per task expert; [] = all trainable
+    deterministic: bool
+    backend: str                   # the resolved backend name
+
+
+SAVED = ("h_s", "h_t", "coef")  # forward outputs besides y that the backward consumes
+NEEDS = ("needs_dx", "needs_shared", "needs_task", "needs_gate")  # which gradients the backward computes
+GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")  # what a backend's backward returns, in order
 
 
 class Backend(Protocol):
@@ -105,7 +121,3 @@ def host_offsets(a: FwdArgs) -> list[int]:
     """Expert offsets on the host (one device sync if they were not known on the host)."""
     off = a.offsets_cpu if a.offsets_cpu is not None else a.expert_offsets
     return [int(v) for v in off.tolist()]
-
-
-def empty_like_spec(x: Tensor) -> Tensor:
-    return x.new_empty((0,))

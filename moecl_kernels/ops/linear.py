@@ -1,0 +1,100 @@
+"""The Python entry point of the fused linear op: :func:`moe_lora_linear` validates every
+argument (errors name the argument), resolves the backend and calls the custom op."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends as _bk
+from ..contract import FwdArgs, OpOptions
+from ..routing import Routing
+from .custom_ops import moe_lora_fwd
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def astuple_shallow(obj) -> tuple:
+    """A dataclass's field values in order, without copying (``dataclasses.astuple`` deep-copies)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def validate(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], shared_A: Tensor, shared_B: Tensor, task_A: Tensor,
+    task_B: Tensor, gate_weight: Optional[Tensor], routing: Routing, dropout_p: float,
+) -> None:
+    """Shape/dtype/device checks; every error names the offending argument."""
+    _check(isinstance(x, Tensor) and x.dim() == 2, f"x must be a 2-D [tokens, d_in] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    _check(x.dtype in _FLOAT_DTYPES, f"x has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64")
+    T, d_in = x.shape
+    _check(weight.dim() == 2 and weight.shape[1] == d_in,
+           f"weight must be [d_out, d_in={d_in}], got {tuple(weight.shape)}")
+    d_out = weight.shape[0]
+    _check(shared_A.dim() == 2 and shared_A.shape[1] == d_in,
+           f"shared_A must be [r, d_in={d_in}], got {tuple(shared_A.shape)}")
+    r = shared_A.shape[0]
+    _check(r >= 1, "shared_A has rank 0; r must be >= 1")
+    _check(tuple(shared_B.shape) == (d_out, r), f"shared_B must be [d_out={d_out}, r={r}], got {tuple(shared_B.shape)}")
+    _check(task_A.dim() == 3 and task_A.shape[1:] == (r, d_in),
+           f"task_A must be [E, r={r}, d_in={d_in}], got {tuple(task_A.shape)}")
+    E = task_A.shape[0]
+    _check(tuple(task_B.shape) == (E, d_out, r), f"task_B must be [E={E}, d_out={d_out}, r={r}], got {tuple(task_B.shape)}")
+    if bias is not None:
+        _check(tuple(bias.shape) == (d_out,), f"bias must be [d_out={d_out}], got {tuple(bias.shape)}")
+    if gate_weight is not None:
+        _check(tuple(gate_weight.shape) == (2, d_in), f"gate_weight must be [2, d_in={d_in}], got {tuple(gate_weight.shape)}")
+    named = [("weight", weight), ("bias", bias), ("shared_A", shared_A), ("shared_B", shared_B),
+             ("task_A", task_A), ("task_B", task_B), ("gate_weight", gate_weight)]
+    for name, t in named:
+        if t is None:
+            continue
+        _check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+        _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+    _check(routing.num_tokens == T,
+           f"routing covers {routing.num_tokens} tokens but x has {T}: build it for this input (task_ids)")
+    _check(routing.num_tasks == E, f"routing was built for num_tasks={routing.num_tasks} but task_A has E={E} experts")
+    _check(routing.token_task.device == x.device,
+           f"routing tensors are on {routing.token_task.device} but x is on {x.device}")
+    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def moe_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    shared_A: Tensor,
+    shared_B: Tensor,
+    task_A: Tensor,
+    task_B: Tensor,
+    gate_weight: Optional[Tensor],
+    routing: Routing,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+    expert_trainable: Optional[list[bool]] = None,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """y = x W^T + b + gated shared LoRA + gated routed task LoRA (docs/spec.md, "The linear op"), for x [T, d_in]."""
+    validate(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed is required when dropout_p > 0 (a 0-dim int64 CPU tensor)")
+    name = _bk.choose_backend(backend, x, shared_A.shape[0], task_A.shape[0])
+    a = FwdArgs(x=x, weight=weight, bias=bias, shared_A=shared_A, shared_B=shared_B, task_A=task_A, task_B=task_B,
+                gate_weight=gate_weight, token_task=routing.token_task, sorted_idx=routing.sorted_idx,
+                expert_offsets=routing.expert_offsets, offsets_cpu=routing.offsets_cpu,
+                single_task=routing.single_task, scale=float(scale), dropout_p=float(dropout_p),
+                seed=seed if dropout_p > 0.0 else None)
+    opts = OpOptions(expert_trainable=list(expert_trainable) if expert_trainable is not None else [],
+                     deterministic=bool(deterministic), backend=name)
+    y, _, _, _ = moe_lora_fwd(*astuple_shallow(a), *astuple_shallow(opts))
+    return y
