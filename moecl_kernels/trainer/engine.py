@@ -39,7 +39,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, sh
 from .methods import METHODS, MethodSpec, merge_expert
 from .metrics import cl_metrics
 from .model import (ENCODER_TYPES, TINY_MODELS, ContinualModel, build_backbone, build_tokenizer, default_target_modules,
-                    is_encoder)
+                    is_encoder, resolve_model_path)
 from .report import machine_info, write_comparison, write_method_report
 
 log = logging.getLogger("moecl_kernels.trainer")
@@ -62,7 +62,8 @@ def _model_is_encoder(name_or_path: str) -> bool:
         return name_or_path == "tiny-bert"
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(name_or_path), "model_type", "") in ENCODER_TYPES
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
+    return getattr(config, "model_type", "") in ENCODER_TYPES
 
 
 def prepare(cfg: RunConfig) -> Prepared:

