@@ -50,10 +50,13 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    benchmark: str = "synthetic"  # synthetic | mtl5
-    root: Optional[str] = None  # MTL5: a folder holding one folder per dataset
+    benchmark: str = "synthetic"  # synthetic | mtl5 | folder (your tasks) | realtext (generated offline)
+    root: Optional[str] = None  # mtl5: one folder per dataset; folder: one folder per task; realtext: where to generate
     layout: str = "auto"  # MTL5: auto | csv | jsonl
-    order: Any = 1  # MTL5: preset 1, 2, 3 or a list of dataset names
+    order: Any = None  # mtl5: preset 1 (default), 2, 3 or dataset names; folder: task names (default: sorted)
+    text_key: str = "text"  # folder: the text field of a JSONL line ("sentence" is accepted for "text")
+    label_key: str = "label"  # folder: the label field
+    realtext_seed: int = 0  # realtext: which sentences go to train/dev/test
     train_per_class: Optional[int] = 1000  # None = all
     dev_per_class: Optional[int] = 50  # taken from dev files, else held out of train
     test_per_class: Optional[int] = 500  # None = all
@@ -148,9 +151,9 @@ def _check(cfg: RunConfig) -> RunConfig:
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
     need(cfg.train.mode in ("classification", "generative"), f"train.mode must be classification or generative, got {cfg.train.mode!r}")
     need(cfg.train.scheduler in ("constant", "linear"), f"train.scheduler must be constant or linear, got {cfg.train.scheduler!r}")
-    need(cfg.data.benchmark in ("synthetic", "mtl5"), f"data.benchmark must be synthetic or mtl5, got {cfg.data.benchmark!r}")
+    need(cfg.data.benchmark in ("synthetic", "mtl5", "folder", "realtext"), f"data.benchmark must be synthetic, mtl5, folder or realtext, got {cfg.data.benchmark!r}")
     need(cfg.data.layout in ("auto", "csv", "jsonl"), f"data.layout must be auto, csv or jsonl, got {cfg.data.layout!r}")
-    need(cfg.data.benchmark != "mtl5" or cfg.data.root is not None, "data.root is required for data.benchmark=mtl5")
+    need(cfg.data.benchmark not in ("mtl5", "folder") or cfg.data.root is not None, f"data.root is required for data.benchmark={cfg.data.benchmark}")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         need(int(getattr(cfg.train, name)) >= 1, f"train.{name} must be >= 1")

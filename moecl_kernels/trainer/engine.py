@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -31,11 +32,13 @@ from tqdm.auto import tqdm
 
 import moecl_kernels as mk
 
+from . import realtext
 from .batching import Encoded, Encoder, collate, collate_prompts
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import RunConfig
-from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary
+from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .folder import load_folder
 from .methods import METHODS, MethodSpec, merge_expert
 from .metrics import cl_metrics
 from .model import (ENCODER_TYPES, TINY_MODELS, ContinualModel, build_backbone, build_tokenizer, default_target_modules,
@@ -55,6 +58,7 @@ class Prepared:
     train: list[list[Encoded]]
     dev: list[list[Encoded]]
     test: list[list[Encoded]]
+    digest: str = ""  # SHA-256 of the tasks' examples (reports; checkpoints of other data are refused)
 
 
 def _model_is_encoder(name_or_path: str) -> bool:
@@ -66,15 +70,42 @@ def _model_is_encoder(name_or_path: str) -> bool:
     return getattr(config, "model_type", "") in ENCODER_TYPES
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def realtext_root(cfg: RunConfig) -> Path:
+    """Where ``data.benchmark=realtext`` keeps the generated benchmark: ``data.root`` or
+    ``<output_dir>/realtext-<data.realtext_seed>`` (shared by the runs of one output_dir)."""
+    return Path(cfg.data.root) if cfg.data.root else Path(cfg.output_dir) / f"realtext-{cfg.data.realtext_seed}"
+
+
+def load_tasks(cfg: RunConfig, info: Optional[DistInfo] = None) -> list[TaskData]:
     d = cfg.data
+    per_class = dict(train_per_class=d.train_per_class, dev_per_class=d.dev_per_class, test_per_class=d.test_per_class,
+                     seed=cfg.seed)
+    if d.benchmark == "synthetic":
+        return synthetic_tasks(**dataclasses.asdict(d.synthetic))
+    if d.benchmark == "mtl5":
+        return load_mtl5(d.root, 1 if d.order is None else d.order, d.layout, **per_class)
+    root = d.root
+    if d.benchmark == "realtext":
+        root = realtext_root(cfg)
+        if info is None or info.is_main:
+            realtext.ensure(root, seed=d.realtext_seed)
+        if info is not None:
+            barrier(info)
+    return load_folder(root, d.order, d.text_key, d.label_key, **per_class)
+
+
+def prepare(cfg: RunConfig, info: Optional[DistInfo] = None) -> Prepared:
+    d = cfg.data
+    tasks = load_tasks(cfg, info)
+    words = []
     if d.benchmark == "synthetic":
         s = d.synthetic
-        tasks = synthetic_tasks(**dataclasses.asdict(s))
         words = synthetic_vocabulary(s.num_words, s.num_tasks, s.num_classes)
-    else:
-        tasks = load_mtl5(d.root, d.order, d.layout, d.train_per_class, d.dev_per_class, d.test_per_class, cfg.seed)
-        words = []
+    if cfg.train.mode == "classification":
+        for t in tasks:
+            if t.is_instruction:
+                raise ValueError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
+                                 "train.mode=generative")
     tok = build_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer, words)
     enc = Encoder(tok, cfg.train.mode, _model_is_encoder(cfg.model.name_or_path), d.max_length)
 
@@ -85,7 +116,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         for split in ("train", "dev", "test"):
             if not getattr(t, split):
                 raise ValueError(f"task {t.name!r} has no {split} examples")
-    return Prepared(tasks, tok, enc, encode("train"), encode("dev"), encode("test"))
+    return Prepared(tasks, tok, enc, encode("train"), encode("dev"), encode("test"), tasks_digest(tasks))
 
 
 def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.device) -> ContinualModel:
@@ -160,7 +191,7 @@ class MethodRun:
         self.spec = METHODS[name]
         self.out_dir = cfg.run_dir / name
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
-        self.fingerprint = f"{cfg.fingerprint()}:{name}"
+        self.fingerprint = f"{cfg.fingerprint()}:{prep.digest[:16]}:{name}"
         self.global_step = 0
         self.state: dict[str, Any] = {}
         self.model: Optional[ContinualModel] = None
@@ -226,7 +257,7 @@ class MethodRun:
         R, b = self.state["R"], self.state["baseline"]
         return {
             "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "seed": cfg.seed,
-            "tasks": [t.name for t in self.prep.tasks], "R": R, "baseline": b, "metrics": cl_metrics(R, b),
+            "tasks": [t.name for t in self.prep.tasks], "data_sha256": self.prep.digest, "R": R, "baseline": b, "metrics": cl_metrics(R, b),
             "wall_time_s": wall, "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,
             "config": cfg.to_dict(),
         }
@@ -309,7 +340,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
     the per-method results. Works single-process and under torchrun / accelerate."""
     info = init_distributed()
     try:
-        prep = prepare(cfg)
+        prep = prepare(cfg, info)
         results = {name: MethodRun(cfg, name, prep, info).run(resume) for name in cfg.methods}
         if info.is_main:
             write_comparison(cfg.run_dir, results)
