@@ -24,6 +24,8 @@ from torch import Tensor
 
 import moecl_kernels as mk
 
+from .parallel import add_to_sharded, reshard
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -73,7 +75,9 @@ def orthogonality_loss(model: nn.Module, task: int) -> Tensor:
 
 @torch.no_grad()
 def merge_expert(model: nn.Module, task: int) -> None:
-    """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight."""
+    """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight
+    (FSDP-sharded weights included: every process adds its shard of the delta)."""
     for layer in mk.moe_layers(model).values():
         delta = layer.scaling * (layer.lora_task_B[task].float() @ layer.lora_task_A[task].float())
-        layer.weight.add_(delta.to(layer.weight.dtype))
+        add_to_sharded(layer.weight, delta)
+    reshard(model)

@@ -3,6 +3,7 @@ per-task classification heads, the MoE-CL discriminators and the training losses
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -52,6 +53,17 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model.name_or_path: directory {name_or_path!r} does not exist (and it is not a built-in model: "
             f"{', '.join(TINY_MODELS + tuple(MODEL_PACKAGES))}); nothing is downloaded")
     return name_or_path
+
+
+def is_encoder_name(name_or_path: str) -> bool:
+    """Whether the model of ``name_or_path`` is an encoder (BERT-like), from its config.json."""
+    if name_or_path in TINY_MODELS:
+        return name_or_path == "tiny-bert"
+    cfg = os.path.join(resolve_model_path(name_or_path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f).get("model_type", "") in ENCODER_TYPES
 
 
 def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence[str]) -> Any:
@@ -108,6 +120,12 @@ def default_target_modules(backbone: nn.Module) -> Any:
     if any(n.endswith("intermediate.dense") for n in names):
         return _BERT_FFN
     raise ValueError("no FFN projections recognised in this model: set model.target_modules")
+
+
+def adapter_parameters(backbone: nn.Module) -> list[nn.Parameter]:
+    """The injected layers' expert and gate parameters (what any task can train)."""
+    return [p for m in mk.moe_layers(backbone).values() for n, p in m.named_parameters()
+            if n.startswith(("lora_", "moe_gate"))]
 
 
 class GradReverse(torch.autograd.Function):
@@ -191,8 +209,7 @@ class ContinualModel(nn.Module):
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every parameter a method can change (experts, gates, heads, discriminators), by name."""
-        keep = {id(p) for m in mk.moe_layers(self.backbone).values() for n, p in m.named_parameters()
-                if n.startswith(("lora_", "moe_gate"))}
+        keep = {id(p) for p in adapter_parameters(self.backbone)}
         out = {}
         for name, p in self.named_parameters():
             if id(p) in keep or not name.startswith("backbone."):
@@ -271,13 +288,15 @@ class ContinualModel(nn.Module):
 
     @torch.no_grad()
     def count_exact_match(self, prompts: dict[str, Tensor], answers: list[list[int]], phase: str, pad_id: int,
-                          eos_id: int) -> int:
-        """Generative: greedy answers that equal the gold answer tokens (eos included)."""
+                          eos_id: int, synced: bool = False) -> int:
+        """Generative: greedy answers that equal the gold answer tokens (eos included);
+        ``synced``: every process runs the same number of decoding steps (FSDP)."""
         ids, mask = prompts["input_ids"], prompts["attention_mask"]
         route = self.spec.route(prompts["task_ids"], phase)
         self._collect_pooled(False)
         with mk.use_tasks(self.backbone, route, attention_mask=mask):
             gen = self.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, answers)),
-                                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+                                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
+                                         synced_gpus=synced)
         new = gen[:, ids.shape[1]:].tolist()
         return sum(int(g[:len(a)] == a) for g, a in zip(new, answers))
