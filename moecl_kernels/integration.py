@@ -79,7 +79,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
         if isinstance(mod, nn.Linear):
             names.append(name)
             if not isinstance(target_modules, str):
-                hit.update(t for t in target_modules if name == t or name.endswith("." + t))
+                hit.update(t for t in target_modules if matches(name, [t]))
         elif type(mod).__name__ == "Conv1D":
             raise TypeError(
                 f"target_modules matched {name!r}, a transformers Conv1D (GPT-2 style, transposed weight), "

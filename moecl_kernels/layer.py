@@ -160,8 +160,13 @@ class FusedMoELoRALinear(RoutedModule):
         layer its term is then part of the base for every token: O-LoRA's merge)."""
         if self.gate:
             raise ValueError("merge_task needs a layer without a gate (gate=False): a gated expert is not a fixed delta")
-        delta = self.scaling * (self.lora_task_B[k].float() @ self.lora_task_A[k].float())
-        self.weight.add_(delta.to(self.weight.dtype))
+        delta = (self.scaling * (self.lora_task_B[k].float() @ self.lora_task_A[k].float())).to(self.weight.dtype)
+        w = self.weight
+        if hasattr(w, "device_mesh") and hasattr(w, "placements"):  # an FSDP2-sharded (DTensor) base weight
+            from torch.distributed.tensor import distribute_tensor
+
+            delta = distribute_tensor(delta.to(w.device), w.device_mesh, w.placements)
+        w.add_(delta)
 
     def _stacked_experts(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """[E, r, d_in] and [E, d_out, r] stacks of the task experts, in ``dtype``.

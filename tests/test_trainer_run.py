@@ -105,9 +105,24 @@ def test_generative_mode_learns_the_answers(tmp_path):
     assert res["R"][0][0] > 0.5  # exact matches: answer word and <eos>, at better than chance between the 2 words
 
 
-def test_cli_main_accepts_argv(tmp_path, capsys):
-    rc = cli.main([f"output_dir={tmp_path}", "name=cli", "methods=[seq_lora]", *SMALL, "train.max_steps_per_task=2", "-q"])
+def test_cli_progress_bars_table_and_heatmap_paths(tmp_path, capsys, monkeypatch):
+    import io
+
+    from moecl_kernels.trainer import engine
+
+    bars = io.StringIO()
+    real = engine.tqdm
+
+    def bar(*a, **k):  # the engine's bars, forced on and into a buffer
+        return real(*a, **{**k, "file": bars, "disable": False, "mininterval": 0})
+
+    monkeypatch.setattr(engine, "tqdm", bar)
+    rc = cli.main([f"output_dir={tmp_path}", "name=cli", "methods=[moecl]", *SMALL, "train.max_steps_per_task=2", "-q"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| seq_lora |" in out and str(tmp_path / "cli") in out
+    assert "| moecl |" in out and str(tmp_path / "cli") in out
+    assert str(tmp_path / "cli" / "moecl" / "heatmap.png") in out
+    text = bars.getvalue()
+    assert "moecl task 1/2" in text and "moecl task 2/2" in text
+    assert "loss=" in text and "dev=" in text and "L_D=" in text
     assert cli.main(["train.lr=oops"]) == 2

@@ -3,7 +3,7 @@
 Classification: ``[bos] instruction text`` for decoders (the head reads the last
 non-pad token), ``[cls] text [sep]`` for encoders (the head reads the first token).
 Generative: ``[bos] instruction text answer :`` followed by the class name and
-``<eos>``; the LM loss covers only the answer tokens, and evaluation generates from the
+``<eos>`` (instruction data: its output); the LM loss covers only the answer tokens, and evaluation generates from the
 prompt and scores an exact match of the answer tokens (``<eos>`` included).
 Texts are truncated (never the instruction or the answer) to ``max_length`` tokens.
 """
@@ -62,8 +62,10 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
 
-    def answer_ids(self, task: TaskData, label: int) -> list[int]:
-        return self._ids(" " + task.label_names[label]) + [self.eos_id]
+    def answer_ids(self, task: TaskData, example) -> list[int]:
+        """The class name (or an instruction example's output), then ``<eos>``."""
+        text = example.answer if example.answer is not None else task.label_names[example.label]
+        return self._ids(" " + text) + [self.eos_id]
 
     def encode(self, task: TaskData, task_index: int, example) -> Encoded:
         text_ids = self._ids(example.text)
@@ -72,7 +74,7 @@ class Encoder:
         else:
             head = self.prefix + self._ids(task.instruction)
             tail = self._ids(ANSWER_PROMPT) if self.mode == "generative" else []
-        answer = self.answer_ids(task, example.label) if self.mode == "generative" else []
+        answer = self.answer_ids(task, example) if self.mode == "generative" else []
         budget = self.max_length - len(head) - len(tail) - len(answer)
         if budget < 1:
             raise ValueError(

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
-from .config import METHODS, ConfigError, load_config
+from .config import ConfigError, load_config
+from .methods import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate: only rank 0 reports
+    logging.basicConfig(level=logging.WARNING if args.quiet or not main_process else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = args.overrides[1:] if args.overrides[:1] == ["demo"] else args.overrides
     try:
@@ -49,15 +52,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from .checkpoint import CheckpointError
+    from .data import DataFormatError
     from .engine import run
     from .report import comparison_markdown
 
-    results = run(cfg, resume=args.resume)
-    import torch.distributed as dist
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    try:
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            results = run(cfg, resume=args.resume)
+    except (DataFormatError, CheckpointError) as e:
+        print(f"moecl-train: {'data' if isinstance(e, DataFormatError) else 'checkpoint'} error: {e}", file=sys.stderr)
+        return 2
+    if main_process:
         print(comparison_markdown(results))
-        print(f"reports: {cfg.run_dir}")
+        print(f"reports: {cfg.run_dir} (comparison.md, <method>/report.md)")
+        print("heatmaps (accuracy matrix R):")
+        for name in results:
+            print(f"  {cfg.run_dir / name / 'heatmap.png'}")
     return 0
 
 

@@ -10,87 +10,110 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-METHODS = ("moecl", "moecl_nogan", "seq_lora", "isolated_lora", "olora")
+from .methods import METHODS
 
 
 class ConfigError(ValueError):
-    """A bad config key or value; the message names it."""
+    """A bad config key or value; the message (one line) names it."""
+
+
+def _f(default: Any, lo: Any = None, hi: Any = None, *, gt: bool = False, lt: bool = False,
+       choices: Optional[Sequence[str]] = None) -> Any:
+    """A field with its allowed range (``lo <= v <= hi``; ``gt``/``lt`` make a bound strict)
+    or its allowed ``choices``; types come from the annotation."""
+    meta = {"lo": lo, "hi": hi, "gt": gt, "lt": lt, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    # a built-in tiny config ("tiny-llama", "tiny-bert") or a local Hugging Face model directory
+    # a built-in tiny model ("tiny-llama", "tiny-bert"), a packaged one ("minilm": the [realmodel] extra)
+    # or a local Hugging Face model directory; nothing is downloaded
     name_or_path: str = "tiny-llama"
-    tokenizer: Optional[str] = None  # default: the model directory; "builtin" for the built-in tokenizer
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (LoRA math accumulates in fp32)
+    tokenizer: Optional[str] = None  # default: the model's; "builtin" for the built-in tokenizer
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # LoRA math accumulates in fp32
     target_modules: Any = None  # None = the FFN projections (gate/up/down_proj or BERT intermediate/output)
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    r: int = _f(8, 1)
+    alpha: float = _f(16.0, 0, gt=True)
+    dropout: float = _f(0.05, 0.0, 1.0, lt=True)
     backend: Optional[str] = None  # None = $MOECL_BACKEND / auto
 
 
 @dataclass
 class SyntheticConfig:
-    num_tasks: int = 4
-    num_classes: int = 2
-    num_words: int = 16  # content vocabulary
-    length: int = 8  # content words per input (inputs with a tied majority are redrawn)
-    train_size: int = 400
-    dev_size: int = 100
-    test_size: int = 200
+    num_tasks: int = _f(4, 1, 16)
+    num_classes: int = _f(2, 2, 8)
+    num_words: int = _f(16, 2, 32)  # content vocabulary
+    length: int = _f(8, 1)  # content words per input (inputs with a tied majority are redrawn)
+    train_size: int = _f(400, 1)
+    dev_size: int = _f(100, 1)
+    test_size: int = _f(200, 1)
     seed: int = 1234  # the rules and examples; independent of the training seed
+
+
+BENCHMARKS = ("synthetic", "mtl5", "folder", "realtext")
 
 
 @dataclass
 class DataConfig:
-    benchmark: str = "synthetic"  # synthetic | mtl5
-    root: Optional[str] = None  # MTL5: a folder holding one folder per dataset
-    layout: str = "auto"  # MTL5: auto | csv | jsonl
-    order: Any = 1  # MTL5: preset 1, 2, 3 or a list of dataset names
-    train_per_class: Optional[int] = 1000  # None = all
-    dev_per_class: Optional[int] = 50  # taken from dev files, else held out of train
-    test_per_class: Optional[int] = 500  # None = all
-    max_length: int = 256
+    benchmark: str = _f("synthetic", choices=BENCHMARKS)  # folder: your tasks; realtext: generated offline
+    root: Optional[str] = None  # mtl5: one folder per dataset; folder: one folder per task; realtext: where to generate
+    layout: str = _f("auto", choices=("auto", "csv", "jsonl"))  # MTL5 files
+    order: Any = None  # mtl5: preset 1 (default), 2, 3 or dataset names; folder: task names (default: sorted)
+    text_key: str = "text"  # folder: the text field of a JSONL line ("sentence" is accepted for "text")
+    label_key: str = "label"  # folder: the label field
+    realtext_seed: int = _f(0, 0)  # realtext: which sentences go to train/dev/test
+    train_per_class: Optional[int] = _f(1000, 1)  # None = all
+    dev_per_class: Optional[int] = _f(50, 1)  # taken from dev files, else held out of train
+    test_per_class: Optional[int] = _f(500, 1)  # None = all
+    max_length: int = _f(256, 4)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "classification"  # classification (per-task heads) | generative (LM loss, exact match)
-    epochs: int = 3
-    batch_size: int = 32  # global batch (split over processes)
-    eval_batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    scheduler: str = "constant"  # constant | linear
-    grad_clip: Optional[float] = 1.0
-    max_steps_per_task: Optional[int] = None  # cap (tests, smoke runs)
+    mode: str = _f("classification", choices=("classification", "generative"))  # per-task heads | LM loss, exact match
+    epochs: int = _f(3, 1)
+    batch_size: int = _f(32, 1)  # global batch (split over processes)
+    eval_batch_size: int = _f(128, 1)
+    lr: float = _f(1e-3, 0, gt=True)
+    weight_decay: float = _f(0.01, 0)
+    warmup_ratio: float = _f(0.0, 0, 1)
+    scheduler: str = _f("constant", choices=("constant", "linear"))
+    grad_clip: Optional[float] = _f(1.0, 0, gt=True)
+    max_steps_per_task: Optional[int] = _f(None, 1)  # cap (tests, smoke runs)
     keep_best: bool = True  # keep the best-on-dev checkpoint of each task (dev checked every epoch)
-    checkpoint_every: int = 50  # steps; 0 = only after each task
+    checkpoint_every: int = _f(50, 0)  # steps; 0 = only after each task
+    group_by_length: bool = False  # batches of similar lengths (less padding; real text); off = plain shuffle
+    # processes: ddp (replicated model) | fsdp (FSDP2: frozen backbone sharded, adapters replicated);
+    # auto = fsdp under `accelerate launch --use_fsdp`, else ddp
+    parallel: str = _f("auto", choices=("auto", "ddp", "fsdp"))
 
 
 @dataclass
 class MethodConfig:
-    lambda_adv: float = 1.0  # MoE-CL: weight of the adversarial (discriminator) loss
+    lambda_adv: float = _f(1.0, 0)  # MoE-CL: weight of the adversarial (discriminator) loss
     adv_cap: bool = True  # the shared expert ascends L_D only up to chance level, log(num_tasks)
     disc_modules: Optional[list] = None  # injected-module name suffixes with a discriminator; None = all
-    olora_lambda: float = 0.5  # O-LoRA: weight of the orthogonality loss
+    olora_lambda: float = _f(0.5, 0)  # O-LoRA: weight of the orthogonality loss
 
 
 @dataclass
 class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"  # results go to output_dir/name
-    seed: int = 0
-    methods: list = field(default_factory=lambda: ["moecl", "seq_lora"])
+    seed: int = _f(0, 0)
+    methods: list = _f(["moecl", "seq_lora"])  # a list, a comma string, or "all"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -106,33 +129,89 @@ class RunConfig:
     def fingerprint(self, exclude: Sequence[str] = ("methods", "output_dir", "name")) -> str:
         """Hash of everything that changes the numbers (checkpoints of another config are refused)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        d["train"] = {k: v for k, v in d["train"].items() if k != "parallel"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _build(cls, data: dict, where: str):
+# ------------------------------------------------------------------------------ validation
+
+def _describe(kind: str, meta: dict) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f"{kind} in {'(' if meta['gt'] else '['}{lo}, {hi}{')' if meta['lt'] else ']'}"
+    if lo is not None:
+        return f"{kind} {'>' if meta['gt'] else '>='} {lo}"
+    if hi is not None:
+        return f"{kind} {'<' if meta['lt'] else '<='} {hi}"
+    return kind
+
+
+def _typed(value: Any, hint: Any, meta: dict, path: str) -> Any:
+    """``value`` checked against the annotation ``hint`` and the field's range/choices."""
+    if typing.get_origin(hint) is Union:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint)
+    if kind is None:  # Any / list: checked in _check
+        return value
+    bad = ConfigError(f"{path} must be {_describe(kind, meta)}, got {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(value, str) and hint in (int, float):  # YAML reads 3e-4 as a string
+        try:
+            value = int(value.strip()) if hint is int else float(value)
+        except ValueError:
+            raise bad from None
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    if hint is str and not isinstance(value, str):
+        raise bad
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (meta.get("choices") and value not in meta["choices"]) \
+            or (lo is not None and (value <= lo if meta["gt"] else value < lo)) \
+            or (hi is not None and (value >= hi if meta["lt"] else value > hi)):
+        raise bad
+    return value
+
+
+def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; allowed: {sorted(fields)}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
-        kwargs[key] = _build(type(default), value, path) if dataclasses.is_dataclass(default) else _coerce(value, default, path)
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs[key] = _build(type(default), value, path) if dataclasses.is_dataclass(default) \
+            else _typed(value, hints[key], dict(f.metadata), path)
+    for key, f in fields.items():  # defaults pass the same checks (a field's default within its range)
+        if key not in kwargs and f.default is not dataclasses.MISSING:
+            _typed(f.default, hints[key], dict(f.metadata), f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, default: Any, path: str) -> Any:
-    """Numbers given as strings (YAML reads ``3e-4`` as a string) become the default's type."""
-    if isinstance(default, bool) or value is None or default is None:
-        return value
-    if isinstance(default, (int, float)) and not isinstance(value, bool):
-        try:
-            return type(default)(value) if isinstance(value, str) or isinstance(default, float) else value
-        except ValueError as e:
-            raise ConfigError(f"{path} must be a number, got {value!r}") from e
-    return value
+def _names(value: Any, path: str, allow_none: bool = True) -> Optional[list[str]]:
+    """None, a non-empty list of non-empty strings, or a comma-separated string of them."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{path} must be a non-empty list (or comma-separated string) of names, got {value!r}")
+    return list(value)
 
 
 def _check(cfg: RunConfig) -> RunConfig:
@@ -140,27 +219,50 @@ def _check(cfg: RunConfig) -> RunConfig:
         if not cond:
             raise ConfigError(msg)
 
-    if isinstance(cfg.methods, str):
-        cfg.methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    need(len(cfg.methods) > 0, "methods is empty; choose from " + ", ".join(METHODS))
+    names = tuple(METHODS)
+    if cfg.methods == "all" or cfg.methods == ["all"]:
+        cfg.methods = list(names)
+    cfg.methods = _names(cfg.methods, "methods", allow_none=False)
     for m in cfg.methods:
-        need(m in METHODS, f"methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        need(m in names, f"methods: unknown method {m!r}; choose from {', '.join(names)} (or all)")
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
-    need(cfg.train.mode in ("classification", "generative"), f"train.mode must be classification or generative, got {cfg.train.mode!r}")
-    need(cfg.train.scheduler in ("constant", "linear"), f"train.scheduler must be constant or linear, got {cfg.train.scheduler!r}")
-    need(cfg.data.benchmark in ("synthetic", "mtl5"), f"data.benchmark must be synthetic or mtl5, got {cfg.data.benchmark!r}")
-    need(cfg.data.layout in ("auto", "csv", "jsonl"), f"data.layout must be auto, csv or jsonl, got {cfg.data.layout!r}")
-    need(cfg.data.benchmark != "mtl5" or cfg.data.root is not None, "data.root is required for data.benchmark=mtl5")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        need(int(getattr(cfg.train, name)) >= 1, f"train.{name} must be >= 1")
-    need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-    need(cfg.method.lambda_adv >= 0, "method.lambda_adv must be >= 0")
-    need(cfg.method.olora_lambda >= 0, "method.olora_lambda must be >= 0")
-    s = cfg.data.synthetic
-    need(s.num_tasks >= 1 and s.num_classes >= 2, "data.synthetic needs num_tasks >= 1 and num_classes >= 2")
-    need(s.num_words >= s.num_classes, "data.synthetic.num_words must be >= num_classes")
-    need(s.length >= 1, "data.synthetic.length must be >= 1")
+    need(cfg.name.strip() != "" and cfg.output_dir.strip() != "", "name and output_dir must be non-empty")
+    d, m = cfg.data, cfg.model
+    if d.order is not None and not (isinstance(d.order, int) and not isinstance(d.order, bool)):
+        d.order = _names(d.order, "data.order")
+    need(not isinstance(d.order, int) or d.benchmark == "mtl5",
+         f"data.order={d.order} is an MTL5 preset; data.benchmark={d.benchmark} takes task names")
+    if d.benchmark in ("mtl5", "folder"):
+        need(d.root is not None, f"data.root is required for data.benchmark={d.benchmark}")
+        need(Path(d.root).is_dir(), f"data.root: directory {d.root!r} does not exist")
+        if d.benchmark == "folder":
+            from .folder import resolve_folder_order
+
+            try:
+                resolve_folder_order(d.root, d.order)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    need(d.text_key.strip() != "" and d.label_key.strip() != "", "data.text_key and data.label_key must be non-empty")
+    s = d.synthetic
+    need(s.num_words >= s.num_classes, f"data.synthetic.num_words ({s.num_words}) must be >= num_classes ({s.num_classes})")
+    if m.target_modules is not None and not isinstance(m.target_modules, str):
+        m.target_modules = _names(m.target_modules, "model.target_modules")
+    cfg.method.disc_modules = _names(cfg.method.disc_modules, "method.disc_modules")
+    if m.backend is not None:
+        from moecl_kernels.backends import registered_backends
+
+        known = ["auto", *registered_backends()]
+        need(m.backend in known, f"model.backend must be one of {', '.join(known)} (or null), got {m.backend!r}")
+    from .model import ModelNotFound, is_encoder_name, resolve_model_path
+
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+        if value is not None and value != "builtin":
+            try:
+                resolve_model_path(value)
+            except ModelNotFound as e:
+                raise ConfigError(str(e).replace("model.name_or_path", key)) from None
+    need(not (cfg.train.mode == "generative" and is_encoder_name(m.name_or_path)),
+         f"train.mode=generative needs a causal LM; model.name_or_path={m.name_or_path} is an encoder")
     return cfg
 
 

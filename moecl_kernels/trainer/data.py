@@ -10,7 +10,9 @@ MTL5 layouts (``root`` holds one folder per dataset; folder aliases are accepted
   object per line ``{"sentence": str, "label": int | str}``; an int label is 0-based,
   a string label is a class name of the dataset.
 
-A malformed line raises :class:`DataFormatError` naming the file and the line.
+A malformed line (bad JSON or CSV, a bad label, invalid UTF-8) raises
+:class:`DataFormatError` naming the file and the line. Your own tasks in one folder each:
+:mod:`moecl_kernels.trainer.folder`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 
 class DataFormatError(ValueError):
@@ -30,7 +32,8 @@ class DataFormatError(ValueError):
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int  # 0-based class index
+    label: int  # 0-based class index (-1: instruction data, see ``answer``)
+    answer: Optional[str] = None  # instruction data: the expected output (generative mode)
 
 
 @dataclass
@@ -45,6 +48,36 @@ class TaskData:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def is_instruction(self) -> bool:
+        """Free-form ``{input, output}`` examples (no classes; generative mode only)."""
+        return not self.label_names
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file (a leading BOM dropped); invalid UTF-8 raises
+    :class:`DataFormatError` naming the file, line and byte."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start + 1} of the line is "
+                                      f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+            yield line_no, text[1:] if line_no == 1 and text.startswith("\ufeff") else text
+
+
+def tasks_digest(tasks: Sequence[TaskData]) -> str:
+    """SHA-256 of the tasks' names, classes, instructions and examples (ties results to data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(json.dumps([t.name, t.label_names, t.instruction], ensure_ascii=False).encode())
+        for split in (t.train, t.dev, t.test):
+            h.update(json.dumps([[e.text, e.label, e.answer] for e in split], ensure_ascii=False).encode())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ MTL5
@@ -110,59 +143,74 @@ def _dataset_dir(root: Path, name: str) -> Path:
 def read_csv(path: Path, num_classes: int) -> list[Example]:
     """Rows ``label,text_field[,text_field...]`` with a 1-based label."""
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise DataFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) < 2:
-                raise DataFormatError(f"{path}:{line}: expected label,text[,...], got {len(row)} column(s)")
-            try:
-                label = int(row[0].strip())
-            except ValueError:
-                raise DataFormatError(f"{path}:{line}: label {row[0]!r} is not an integer") from None
-            if not 1 <= label <= num_classes:
-                raise DataFormatError(f"{path}:{line}: label {label} is outside 1..{num_classes}")
-            text = " ".join(c.strip().replace("\\n", " ") for c in row[1:] if c.strip())
-            if not text:
-                raise DataFormatError(f"{path}:{line}: empty text")
-            out.append(Example(text, label - 1))
+    reader = csv.reader(text for _, text in read_lines(path))  # multi-line quoted fields keep working
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise DataFormatError(f"{path}:{line}: expected label,text[,...], got {len(row)} column(s)")
+        try:
+            label = int(row[0].strip())
+        except ValueError:
+            raise DataFormatError(f"{path}:{line}: label {row[0]!r} is not an integer") from None
+        if not 1 <= label <= num_classes:
+            raise DataFormatError(f"{path}:{line}: label {label} is outside 1..{num_classes}")
+        text = " ".join(c.strip().replace("\\n", " ") for c in row[1:] if c.strip())
+        if not text:
+            raise DataFormatError(f"{path}:{line}: empty text")
+        out.append(Example(text, label - 1))
     return out
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of a JSON-lines file; blank lines skipped."""
+    for line_no, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise DataFormatError(f"{path}:{line_no}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def field_text(obj: dict, key: str, where: str) -> str:
+    text = obj[key]
+    if not isinstance(text, str) or not text.strip():
+        raise DataFormatError(f"{where}: {key!r} must be a non-empty string")
+    return text.strip()
+
+
+def label_index(label, label_names: Sequence[str], where: str) -> int:
+    """A 0-based int label or a class name -> the class index."""
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise DataFormatError(f"{where}: the label must be an int or a class name, got {label!r}")
+    if isinstance(label, str):
+        if label not in label_names:
+            raise DataFormatError(f"{where}: unknown class name {label!r}; classes: {list(label_names)}")
+        return list(label_names).index(label)
+    if not 0 <= label < len(label_names):
+        raise DataFormatError(f"{where}: label {label} is outside 0..{len(label_names) - 1}")
+    return int(label)
 
 
 def read_jsonl(path: Path, label_names: Sequence[str]) -> list[Example]:
     """Lines ``{"sentence": str, "label": int (0-based) | str (class name)}``."""
-    index = {n: i for i, n in enumerate(label_names)}
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataFormatError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or "sentence" not in obj or "label" not in obj:
-                raise DataFormatError(f"{path}:{line_no}: expected an object with 'sentence' and 'label'")
-            text, label = obj["sentence"], obj["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise DataFormatError(f"{path}:{line_no}: 'sentence' must be a non-empty string")
-            if isinstance(label, bool) or not isinstance(label, (int, str)):
-                raise DataFormatError(f"{path}:{line_no}: 'label' must be an int or a class name, got {label!r}")
-            if isinstance(label, str):
-                if label not in index:
-                    raise DataFormatError(f"{path}:{line_no}: unknown class name {label!r}; classes: {list(label_names)}")
-                label = index[label]
-            elif not 0 <= label < len(label_names):
-                raise DataFormatError(f"{path}:{line_no}: label {label} is outside 0..{len(label_names) - 1}")
-            out.append(Example(text.strip(), int(label)))
+    for line_no, obj in jsonl_objects(path):
+        where = f"{path}:{line_no}"
+        if "sentence" not in obj or "label" not in obj:
+            raise DataFormatError(f"{where}: expected an object with 'sentence' and 'label'")
+        out.append(Example(field_text(obj, "sentence", where), label_index(obj["label"], label_names, where)))
     return out
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -31,15 +32,18 @@ from tqdm.auto import tqdm
 
 import moecl_kernels as mk
 
+from . import realtext
 from .batching import Encoded, Encoder, collate, collate_prompts
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import RunConfig
-from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary
+from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .folder import load_folder
 from .methods import METHODS, MethodSpec, merge_expert
 from .metrics import cl_metrics
-from .model import (ENCODER_TYPES, TINY_MODELS, ContinualModel, build_backbone, build_tokenizer, default_target_modules,
-                    is_encoder)
+from .model import (ContinualModel, adapter_parameters, build_backbone, build_tokenizer, default_target_modules,
+                    is_encoder, is_encoder_name)
+from .parallel import average_gradients, parallel_kind, shard_backbone
 from .report import machine_info, write_comparison, write_method_report
 
 log = logging.getLogger("moecl_kernels.trainer")
@@ -55,27 +59,47 @@ class Prepared:
     train: list[list[Encoded]]
     dev: list[list[Encoded]]
     test: list[list[Encoded]]
+    digest: str = ""  # SHA-256 of the tasks' examples (reports; checkpoints of other data are refused)
 
 
-def _model_is_encoder(name_or_path: str) -> bool:
-    if name_or_path in TINY_MODELS:
-        return name_or_path == "tiny-bert"
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(name_or_path), "model_type", "") in ENCODER_TYPES
+def realtext_root(cfg: RunConfig) -> Path:
+    """Where ``data.benchmark=realtext`` keeps the generated benchmark: ``data.root`` or
+    ``<output_dir>/realtext-<data.realtext_seed>`` (shared by the runs of one output_dir)."""
+    return Path(cfg.data.root) if cfg.data.root else Path(cfg.output_dir) / f"realtext-{cfg.data.realtext_seed}"
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def load_tasks(cfg: RunConfig, info: Optional[DistInfo] = None) -> list[TaskData]:
     d = cfg.data
+    per_class = dict(train_per_class=d.train_per_class, dev_per_class=d.dev_per_class, test_per_class=d.test_per_class,
+                     seed=cfg.seed)
+    if d.benchmark == "synthetic":
+        return synthetic_tasks(**dataclasses.asdict(d.synthetic))
+    if d.benchmark == "mtl5":
+        return load_mtl5(d.root, 1 if d.order is None else d.order, d.layout, **per_class)
+    root = d.root
+    if d.benchmark == "realtext":
+        root = realtext_root(cfg)
+        if info is None or info.is_main:
+            realtext.ensure(root, seed=d.realtext_seed)
+        if info is not None:
+            barrier(info)
+    return load_folder(root, d.order, d.text_key, d.label_key, **per_class)
+
+
+def prepare(cfg: RunConfig, info: Optional[DistInfo] = None) -> Prepared:
+    d = cfg.data
+    tasks = load_tasks(cfg, info)
+    words = []
     if d.benchmark == "synthetic":
         s = d.synthetic
-        tasks = synthetic_tasks(**dataclasses.asdict(s))
         words = synthetic_vocabulary(s.num_words, s.num_tasks, s.num_classes)
-    else:
-        tasks = load_mtl5(d.root, d.order, d.layout, d.train_per_class, d.dev_per_class, d.test_per_class, cfg.seed)
-        words = []
+    if cfg.train.mode == "classification":
+        for t in tasks:
+            if t.is_instruction:
+                raise ValueError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
+                                 "train.mode=generative")
     tok = build_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer, words)
-    enc = Encoder(tok, cfg.train.mode, _model_is_encoder(cfg.model.name_or_path), d.max_length)
+    enc = Encoder(tok, cfg.train.mode, is_encoder_name(cfg.model.name_or_path), d.max_length)
 
     def encode(split: str) -> list[list[Encoded]]:
         return [[enc.encode(t, k, e) for e in getattr(t, split)] for k, t in enumerate(tasks)]
@@ -84,7 +108,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         for split in ("train", "dev", "test"):
             if not getattr(t, split):
                 raise ValueError(f"task {t.name!r} has no {split} examples")
-    return Prepared(tasks, tok, enc, encode("train"), encode("dev"), encode("test"))
+    return Prepared(tasks, tok, enc, encode("train"), encode("dev"), encode("test"), tasks_digest(tasks))
 
 
 def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.device) -> ContinualModel:
@@ -110,28 +134,45 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def evaluate(model: ContinualModel, items: list[Encoded], phase: str, cfg: RunConfig, prep: Prepared,
-             info: DistInfo) -> float:
-    """Accuracy (classification) or exact match (generative) over ``items``, sharded over processes."""
+             info: DistInfo, synced: bool = False) -> float:
+    """Accuracy (classification) or exact match (generative) over ``items``, sharded over
+    processes; batches of similar lengths (the order does not change the score). Every
+    process runs the same number of batches (FSDP all-gathers are collective): a process
+    with fewer items repeats one and does not count it."""
     model.eval()
-    shard = items[info.rank::info.world_size]
-    correct = 0
+    shard = sorted(items[info.rank::info.world_size], key=lambda e: len(e.input_ids))
     bs = cfg.train.eval_batch_size
+    n_batches = -(-((len(items) + info.world_size - 1) // info.world_size) // bs)
+    correct = 0
     enc = prep.encoder
-    for i in range(0, len(shard), bs):
-        chunk = shard[i:i + bs]
+    for b in range(n_batches):
+        chunk, real = shard[b * bs:(b + 1) * bs], True
+        if not chunk:  # this process ran out: a dummy batch keeps the collectives in step
+            chunk, real = items[:1], False
         if cfg.train.mode == "classification":
-            correct += model.count_correct(_to(collate(chunk, enc.pad_id, "classification"), info.device), phase)
+            c = model.count_correct(_to(collate(chunk, enc.pad_id, "classification"), info.device), phase)
         else:
             prompts, answers = collate_prompts(chunk, enc.pad_id)
-            correct += model.count_exact_match(_to(prompts, info.device), answers, phase, enc.pad_id, enc.eos_id)
+            c = model.count_exact_match(_to(prompts, info.device), answers, phase, enc.pad_id, enc.eos_id,
+                                        synced=synced)
+        correct += c if real else 0
     totals = all_reduce_sum(torch.tensor([float(correct), float(len(shard))], device=info.device), info)
     return float(totals[0] / totals[1])
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, task: int, epoch: int, world: int) -> list[list[int]]:
+def _epoch_batches(lengths: list[int], batch_size: int, seed: int, task: int, epoch: int, world: int,
+                   group_by_length: bool = False) -> list[list[int]]:
+    """The batches (example indices) of one epoch, from a generator seeded by (seed, task,
+    epoch). ``group_by_length``: the shuffled order is cut into windows of 50 batches, each
+    sorted by length and cut into batches, and the batches are shuffled (less padding)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + task * 1_009 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        window = 50 * batch_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lambda i: lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return [b for b in batches if len(b) >= world]  # every process needs at least one example
 
 
@@ -159,10 +200,11 @@ class MethodRun:
         self.spec = METHODS[name]
         self.out_dir = cfg.run_dir / name
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
-        self.fingerprint = f"{cfg.fingerprint()}:{name}"
+        self.fingerprint = f"{cfg.fingerprint()}:{prep.digest[:16]}:{name}"
         self.global_step = 0
         self.state: dict[str, Any] = {}
         self.model: Optional[ContinualModel] = None
+        self.kind = parallel_kind(cfg.train.parallel, info)  # single | ddp | fsdp
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, elapsed: float) -> None:
@@ -199,15 +241,19 @@ class MethodRun:
         ckpt = load_checkpoint(self.ckpt_path, self.fingerprint) if resume else None
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.spec, self.prep, info.device)
+        if self.kind == "fsdp":
+            n = shard_backbone(self.model.backbone, adapter_parameters(self.model.backbone), info)
+            log.info("%s: FSDP2 over %d processes (%d blocks sharded; adapters replicated)", self.name,
+                     info.world_size, n)
         self.state = {"task": 0, "R": [], "baseline": None, **_fresh_task_state()}
         elapsed = self._restore(ckpt) if ckpt is not None else 0.0
         t0 = time.perf_counter() - elapsed
         tests = self.prep.test
         if self.state["baseline"] is None:
-            self.state["baseline"] = [evaluate(self.model, tests[j], "test", cfg, self.prep, info) for j in range(len(tests))]
+            self.state["baseline"] = [self._evaluate(tests[j], "test") for j in range(len(tests))]
         for k in range(self.state["task"], len(self.prep.tasks)):
             self._train_task(k, t0)
-            row = [evaluate(self.model, tests[j], "test", cfg, self.prep, info) for j in range(len(tests))]
+            row = [self._evaluate(tests[j], "test") for j in range(len(tests))]
             self.state["R"].append(row)
             log.info("%s: after task %d (%s): test accuracy %s", self.name, k + 1, self.prep.tasks[k].name,
                      " ".join(f"{100 * a:.1f}" for a in row))
@@ -225,8 +271,9 @@ class MethodRun:
         R, b = self.state["R"], self.state["baseline"]
         return {
             "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "seed": cfg.seed,
-            "tasks": [t.name for t in self.prep.tasks], "R": R, "baseline": b, "metrics": cl_metrics(R, b),
-            "wall_time_s": wall, "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,
+            "tasks": [t.name for t in self.prep.tasks], "data_sha256": self.prep.digest, "R": R, "baseline": b,
+            "metrics": cl_metrics(R, b), "wall_time_s": wall, "parallel": self.kind,
+            "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,
             "config": cfg.to_dict(),
         }
 
@@ -237,7 +284,12 @@ class MethodRun:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         items = self.prep.train[k]
-        per_epoch = len(_epoch_batches(len(items), tc.batch_size, cfg.seed, k, 0, info.world_size))
+        lengths = [len(e.input_ids) for e in items]
+
+        def epoch_batches(epoch: int) -> list[list[int]]:
+            return _epoch_batches(lengths, tc.batch_size, cfg.seed, k, epoch, info.world_size, tc.group_by_length)
+
+        per_epoch = len(epoch_batches(0))
         total = tc.epochs * per_epoch
         if tc.max_steps_per_task:
             total = min(total, tc.max_steps_per_task)
@@ -245,21 +297,25 @@ class MethodRun:
         if st["optimizer"] is not None:
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
-        ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if info.enabled else model
+        forward = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if self.kind == "ddp" else model
         reduce = (lambda t: all_reduce_sum(t, info)) if info.enabled else None
         bar = tqdm(total=total, initial=st["task_step"], desc=f"{self.name} task {k + 1}/{len(self.prep.tasks)}",
-                   disable=None if info.is_main else True, leave=False, dynamic_ncols=True)
+                   disable=None if info.is_main else True, leave=True, dynamic_ncols=True)
+        dev = st["dev_history"][-1]["dev"] if st["dev_history"] else None
+        post: dict[str, str] = {}
         while True:
-            batches = _epoch_batches(len(items), tc.batch_size, cfg.seed, k, st["epoch"], info.world_size)
+            batches = epoch_batches(st["epoch"])
             model.train()
             while st["step"] < len(batches) and st["task_step"] < total:
                 idx = batches[st["step"]]
                 batch = _to(collate([items[i] for i in idx[info.rank::info.world_size]], self.prep.encoder.pad_id,
                                     tc.mode), info.device)
-                out = ddp(**batch, scale=info.world_size / len(idx), reduce=reduce)
+                out = forward(**batch, scale=info.world_size / len(idx), reduce=reduce)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
+                if self.kind == "fsdp":  # the replicated trainable parameters, averaged as DDP does
+                    average_gradients(params, info)
                 if tc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 opt.step()
@@ -271,12 +327,16 @@ class MethodRun:
                 post = {"loss": f"{float(out['task_loss']) / batch['labels'].numel():.3f}"}
                 if "disc_loss" in out:
                     post["L_D"] = f"{float(out['disc_loss']):.3f}"
+                if dev is not None:
+                    post["dev"] = f"{100 * dev:.1f}%"
                 bar.set_postfix(post)
                 if tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
                     st["optimizer"], st["scheduler"] = opt.state_dict(), sched.state_dict()
                     self._save(time.perf_counter() - t0)
             if st["last_eval"] != st["task_step"]:  # end of an epoch or of the task: check dev
-                self._dev_check(k, params)
+                dev = self._dev_check(k, params)
+                post["dev"] = f"{100 * dev:.1f}%"
+                bar.set_postfix(post)
                 model.train()
             if st["task_step"] >= total:
                 break
@@ -290,9 +350,12 @@ class MethodRun:
         if self.spec.olora:
             merge_expert(model.backbone, k)
 
-    def _dev_check(self, k: int, params: list[torch.Tensor]) -> None:
+    def _evaluate(self, items: list[Encoded], phase: str) -> float:
+        return evaluate(self.model, items, phase, self.cfg, self.prep, self.info, synced=self.kind == "fsdp")
+
+    def _dev_check(self, k: int, params: list[torch.Tensor]) -> float:
         st = self.state
-        score = evaluate(self.model, self.prep.dev[k], "train", self.cfg, self.prep, self.info)
+        score = self._evaluate(self.prep.dev[k], "train")
         st["last_eval"] = st["task_step"]
         st["dev_history"].append({"task": k, "step": st["task_step"], "dev": score})
         improved = st["best_score"] is None or score > st["best_score"]
@@ -301,6 +364,7 @@ class MethodRun:
             st["best"] = [p.detach().cpu().clone() for p in params]
         log.info("%s: task %d step %d: dev %.1f%%%s", self.name, k + 1, st["task_step"], 100 * score,
                  " (best)" if improved else "")
+        return score
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
@@ -308,7 +372,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
     the per-method results. Works single-process and under torchrun / accelerate."""
     info = init_distributed()
     try:
-        prep = prepare(cfg)
+        prep = prepare(cfg, info)
         results = {name: MethodRun(cfg, name, prep, info).run(resume) for name in cfg.methods}
         if info.is_main:
             write_comparison(cfg.run_dir, results)

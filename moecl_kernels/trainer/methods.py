@@ -24,6 +24,8 @@ from torch import Tensor
 
 import moecl_kernels as mk
 
+from .parallel import reshard
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -72,6 +74,8 @@ def orthogonality_loss(model: nn.Module, task: int) -> Tensor:
 
 
 def merge_expert(model: nn.Module, task: int) -> None:
-    """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight."""
+    """Add expert ``task``'s LoRA, s * B A, into each injected module's (frozen) base weight
+    (FSDP-sharded weights included: every process adds its shard of the delta)."""
     for layer in mk.moe_layers(model).values():
         layer.merge_task(task)
+    reshard(model)

