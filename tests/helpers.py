@@ -53,3 +53,33 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return float("inf")
     return float((a - ref).norm() / ref.norm().clamp(min=1e-300))
+
+
+FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def ffn_inputs(T, d, d_ff, r, E, dtype=torch.float64, gated_mlp=True, moe_gate=True, bias=True, d_out=None, seed=0,
+               device="cpu"):
+    """Random x, base MLP weights/biases, shared/task LoRA per projection (all B non-zero) and the
+    MoE gate, named as the FFN op's arguments; x and the adapters require grad."""
+    g = torch.Generator().manual_seed(seed)
+    d_out = d if d_out is None else d_out
+
+    def rnd(*shape, scale=1.0, grad=True):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+        return t.requires_grad_(grad)
+
+    dims = {"gate_proj": (d, d_ff), "up_proj": (d, d_ff), "down_proj": (d_ff, d_out)}
+    out = {"x": rnd(T, d)}
+    for p in FFN_PROJ:
+        if p == "gate_proj" and not gated_mlp:
+            continue
+        d_in, d_o = dims[p]
+        out[f"{p}_weight"] = rnd(d_o, d_in, scale=d_in**-0.5, grad=False)
+        out[f"{p}_bias"] = rnd(d_o, scale=0.5, grad=False) if bias else None
+        out[f"{p}_shared_A"] = rnd(r, d_in, scale=d_in**-0.5)
+        out[f"{p}_shared_B"] = rnd(d_o, r, scale=r**-0.5)
+        out[f"{p}_task_A"] = rnd(E, r, d_in, scale=d_in**-0.5)
+        out[f"{p}_task_B"] = rnd(E, d_o, r, scale=r**-0.5)
+    out["moe_gate"] = rnd(2, d, scale=d**-0.5) if moe_gate else None
+    return out, g

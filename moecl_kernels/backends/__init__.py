@@ -163,6 +163,25 @@ def _choose_constant(requested: str, device_type: str, device_index: Optional[in
     return fallback_for_shape(resolve_backend(requested, probe), probe, rank, num_experts)
 
 
+def choose_ffn_backend(requested: Optional[str], x: Tensor, rank: int, num_experts: int) -> str:
+    """:func:`choose_backend` for the FFN-level op: a backend without FFN kernels (no
+    ``ffn_forward``) falls back to ``eager`` for it, saying so once."""
+    name = choose_backend(requested, x, rank, num_experts)
+    return _ffn_constant(name) if torch.compiler.is_compiling() else _ffn_capable(name)
+
+
+def _ffn_capable(name: str) -> str:
+    if hasattr(backend(name), "ffn_forward"):
+        return name
+    warn_once(f"ffn-{name}", f"moecl_kernels: backend {name!r} has no FFN-level kernels; the FFN op runs on 'eager'")
+    return "eager"
+
+
+@torch.compiler.assume_constant_result
+def _ffn_constant(name: str) -> str:
+    return _ffn_capable(name)
+
+
 def backend(name: str) -> Backend:
     b = get_backend(name)
     if b is None:

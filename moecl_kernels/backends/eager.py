@@ -19,34 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype, apply_dropout, dropout_scale, host_offsets
+from ..contract import BwdArgs, FwdArgs, acc_dtype, apply_dropout, coefficients, dropout_scale
+from .eager_ffn import EagerFFN, expert_groups
 
 
 def _coef(a: FwdArgs, x: Tensor) -> Tensor:
-    """[T, 2] fp32 effective coefficients (see base.py)."""
-    T = x.shape[0]
-    acc = acc_dtype(x.dtype)
-    has = (a.token_task >= 0).unsqueeze(1).to(acc)
-    if a.gate_weight is not None:
-        beta = torch.softmax(F.linear(x, a.gate_weight).to(acc), dim=-1)
-    else:
-        beta = torch.ones(T, 2, device=x.device, dtype=acc)
-    # tokens without a task: [1, 0] (shared expert only, ungated)
-    return torch.cat([beta[:, :1] * has + (1.0 - has), beta[:, 1:] * has], dim=1)
+    """[T, 2] effective coefficients (``contract.args``)."""
+    return coefficients(x, a.gate_weight, a.token_task)
 
 
 def _groups(a: FwdArgs) -> list[tuple[int, Optional[Tensor]]]:
     """(expert, token index or None=all tokens) for every expert with tokens."""
-    if a.single_task >= 0:
-        return [(a.single_task, None)]
-    if a.single_task == SINGLE_NONE:
-        return []
-    off = host_offsets(a)
-    E = a.task_A.shape[0]
-    return [(e, a.sorted_idx[off[e] : off[e + 1]].long()) for e in range(E) if off[e + 1] > off[e]]
+    return expert_groups(a, a.task_A.shape[0])
 
 
-class EagerBackend:
+class EagerBackend(EagerFFN):
     name = "eager"
     priority = 0
 

@@ -117,6 +117,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def coefficients(x: Tensor, gate_weight: Optional[Tensor], token_task: Tensor) -> Tensor:
+    """coef [T, 2] in ``acc_dtype(x.dtype)`` (see the module docstring): softmax(x W_g^T) or
+    [1, 1] for tokens with a task, [1, 0] for tokens without one."""
+    acc = acc_dtype(x.dtype)
+    has = (token_task >= 0).unsqueeze(1).to(device=x.device, dtype=acc)
+    if gate_weight is not None:
+        beta = torch.softmax((x @ gate_weight.T).to(acc), dim=-1)
+    else:
+        beta = torch.ones(x.shape[0], 2, device=x.device, dtype=acc)
+    return torch.cat([beta[:, :1] * has + (1.0 - has), beta[:, 1:] * has], dim=1)
+
+
 def host_offsets(a: FwdArgs) -> list[int]:
     """Expert offsets on the host (one device sync if they were not known on the host)."""
     off = a.offsets_cpu if a.offsets_cpu is not None else a.expert_offsets

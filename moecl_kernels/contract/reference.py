@@ -126,3 +126,13 @@ class ReferenceBackend:
             dA = dA.masked_fill(frozen[:, None, None], 0)
             dB = dB.masked_fill(frozen[:, None, None], 0)
         return dx, dAs, dBs, dA, dB, dg
+
+    def ffn_forward(self, a):
+        from .ffn_reference import reference_ffn_forward  # (it imports this module)
+
+        return reference_ffn_forward(a)
+
+    def ffn_backward(self, a):
+        from .ffn_reference import reference_ffn_backward
+
+        return reference_ffn_backward(a)

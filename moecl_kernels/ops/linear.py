@@ -53,17 +53,29 @@ def validate(
         _check(tuple(gate_weight.shape) == (2, d_in), f"gate_weight must be [2, d_in={d_in}], got {tuple(gate_weight.shape)}")
     named = [("weight", weight), ("bias", bias), ("shared_A", shared_A), ("shared_B", shared_B),
              ("task_A", task_A), ("task_B", task_B), ("gate_weight", gate_weight)]
+    check_like_x(x, named)
+    check_routing(routing, x, E, "task_A")
+    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_like_x(x: Tensor, named) -> None:
+    """Every (name, tensor) of ``named`` (None skipped) has x's dtype and device."""
     for name, t in named:
         if t is None:
             continue
         _check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
         _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+
+
+def check_routing(routing: Routing, x: Tensor, E: int, experts_name: str) -> None:
+    """The routing was built for x's tokens, E experts (as ``experts_name`` has) and x's device."""
+    T = x.shape[0]
     _check(routing.num_tokens == T,
            f"routing covers {routing.num_tokens} tokens but x has {T}: build it for this input (task_ids)")
-    _check(routing.num_tasks == E, f"routing was built for num_tasks={routing.num_tasks} but task_A has E={E} experts")
+    _check(routing.num_tasks == E,
+           f"routing was built for num_tasks={routing.num_tasks} but {experts_name} has E={E} experts")
     _check(routing.token_task.device == x.device,
            f"routing tensors are on {routing.token_task.device} but x is on {x.device}")
-    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def moe_lora_linear(
