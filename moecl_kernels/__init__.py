@@ -2,6 +2,7 @@
 
     import moecl_kernels as mk
     model = mk.inject(hf_model, target_modules=["gate_proj", "up_proj", "down_proj"], num_tasks=4)
+    model = mk.inject(hf_model, num_tasks=4, level="ffn")   # or: whole-MLP experts (the paper's)
     out = model(input_ids, attention_mask=mask, task_ids=t)
 """
 
@@ -21,13 +22,15 @@ from .integration import (
 )
 from .io import load, save
 from .layer import FusedMoELoRALinear
-from .ops import moe_lora_linear, moe_lora_reference
+from .mlp import FusedMoELoRAMLP
+from .ops import moe_lora_linear, moe_lora_mlp, moe_lora_mlp_reference, moe_lora_reference
 from .peft_import import import_peft_lora
 from .routing import Routing, RoutingError, build_routing
 
 __all__ = [
     "__version__",
     "FusedMoELoRALinear",
+    "FusedMoELoRAMLP",
     "inject",
     "use_tasks",
     "set_trainable",
@@ -43,6 +46,8 @@ __all__ = [
     "load",
     "moe_lora_linear",
     "moe_lora_reference",
+    "moe_lora_mlp",
+    "moe_lora_mlp_reference",
     "build_routing",
     "Routing",
     "RoutingError",

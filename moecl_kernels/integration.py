@@ -1,14 +1,16 @@
 """Hugging Face integration: ``inject``, ``use_tasks``, ``set_trainable`` and friends.
 
-``inject`` replaces the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear` and
-installs two hooks on every module that contains one (the model and its submodules): a
+``inject`` replaces the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear`
+(``level="linear"``, docs/spec.md §1.1) or the model's MLPs by :class:`FusedMoELoRAMLP`
+(``level="ffn"``, §1.3), and installs two hooks on every module that contains one (the model and its submodules): a
 forward pre-hook that takes ``task_ids=`` out of the call and opens a routing context for
 that call, and a forward hook, always called, that closes it. The layers find the routing
 in force through ``routing.context_for`` (see ``routing/context.py``); nothing about
 routing is stored on the model. The hooks are plain functions, so an injected model
 deep-copies, pickles and ``torch.save``s like any module.
 
-Everything that acts on "the model" takes any module: it acts on the routed layers inside it.
+Everything that acts on "the model" takes any module: it acts on the routed layers inside it,
+through the protocol of ``experts.MoEModule`` (both levels alike).
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ import torch.nn as nn
 from torch import Tensor
 
 from .backends import get_backend
+from .experts import MoEModule, check_args
 from .layer import FusedMoELoRALinear
+from .mlp import LOOKED_FOR, FusedMoELoRAMLP, MLPLayout, find_mlp, mlp_layout, routed_name
 from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, close_hook, open_hook, pop, push,
                       routed_modules, structure_changed)
 
 CONFIG_ATTR = "_moecl_config"  # the inject() arguments, on the module inject() was called on
+LEVELS = ("linear", "ffn")
+LINEAR_TARGETS = ("gate_proj", "up_proj", "down_proj")  # inject(level="linear")'s default target_modules
 
 
-def moe_layers(model: nn.Module) -> dict[str, FusedMoELoRALinear]:
-    """Every injected layer inside ``model``, by its module name relative to ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FusedMoELoRALinear)}
+def moe_layers(model: nn.Module) -> dict[str, MoEModule]:
+    """Every injected module inside ``model`` (``FusedMoELoRALinear`` or ``FusedMoELoRAMLP``),
+    by its module name relative to ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoEModule)}
 
 
 def is_injected(model: nn.Module) -> bool:
@@ -39,7 +46,7 @@ def is_injected(model: nn.Module) -> bool:
     return any(isinstance(m, RoutedModule) for m in model.modules())
 
 
-def _layers(model: nn.Module) -> dict[str, FusedMoELoRALinear]:
+def _layers(model: nn.Module) -> dict[str, MoEModule]:
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no MoE-CL layers: prepare it with mk.inject(model, ...) first")
@@ -66,16 +73,13 @@ def matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
 def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[str]:
     """Names of the modules ``inject`` would replace; raises on unsupported module types and
     on a listed name that matches no ``nn.Linear``."""
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-            raise ValueError(f"target_modules must be a regex or a non-empty list of module names, got {target_modules!r}")
+    target_modules = _check_target_list(target_modules)
     names, hit = [], set()
     for name, mod in model.named_modules():
         if not name or not matches(name, target_modules):
             continue
-        if isinstance(mod, FusedMoELoRALinear):
-            raise ValueError(f"module {name!r} is already a FusedMoELoRALinear (model injected twice?)")
+        if isinstance(mod, MoEModule):
+            raise ValueError(f"module {name!r} is already a {type(mod).__name__} (model injected twice?)")
         if isinstance(mod, nn.Linear):
             names.append(name)
             if not isinstance(target_modules, str):
@@ -100,6 +104,67 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
     return names
 
 
+def _check_target_list(target_modules) -> Union[str, list]:
+    if isinstance(target_modules, str):
+        return target_modules
+    target_modules = list(target_modules)
+    if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules must be a regex or a non-empty list of module names, got {target_modules!r}")
+    return target_modules
+
+
+def find_mlp_targets(model: nn.Module, target_modules=None) -> list[tuple[str, str, MLPLayout]]:
+    """(name of the FusedMoELoRAMLP, name of the MLP it wraps, layout) of every MLP that
+    ``inject(level="ffn")`` wraps: with ``target_modules=None`` every MLP the architecture has;
+    else the modules named (PEFT's rule, as for the linear level), where a named projection
+    stands for the MLP around it. Raises naming a module that is not an MLP, and when none is found."""
+    found: dict[str, tuple[str, str, MLPLayout]] = {}
+    if target_modules is None:
+        for name, mod in model.named_modules():
+            if isinstance(mod, MoEModule):
+                raise ValueError(f"module {name!r} is already a {type(mod).__name__} (model injected twice?)")
+            if any(name.startswith(root + ".") for root in found) or not name:
+                continue
+            layout = mlp_layout(mod, name, strict=False)
+            if layout is not None:
+                found[name] = (routed_name(name, layout), name, layout)
+        if not found:
+            raise ValueError(f"inject(level='ffn') found no MLP in {type(model).__name__}: it looks for {LOOKED_FOR}; "
+                             "name the MLP modules with target_modules")
+        return list(found.values())
+    target_modules = _check_target_list(target_modules)
+    hit = set()
+    for name, mod in model.named_modules():
+        if not name or not matches(name, target_modules):
+            continue
+        if not isinstance(target_modules, str):
+            hit.update(t for t in target_modules if matches(name, [t]))
+        if any(name.startswith(root + ".") for root in found):
+            continue
+        if isinstance(mod, MoEModule):
+            raise ValueError(f"module {name!r} is already a {type(mod).__name__} (model injected twice?)")
+        at = name
+        if isinstance(mod, nn.Linear):  # a projection names the MLP around it
+            parents = [name.rsplit(".", k)[0] for k in (1, 2) if name.count(".") >= k]
+            at = next((p for p in parents if _is_mlp(model, p)), name)
+        root, layout = find_mlp(model, at)
+        found.setdefault(root, (routed_name(root, layout), root, layout))
+    if not found:
+        raise ValueError(f"target_modules={target_modules!r} matched no module of the model")
+    if not isinstance(target_modules, str) and len(hit) < len(target_modules):
+        missing = [t for t in target_modules if t not in hit]
+        raise ValueError(f"target_modules names {missing} that match no module of the model")
+    return list(found.values())
+
+
+def _is_mlp(model: nn.Module, name: str) -> bool:
+    try:
+        find_mlp(model, name)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -118,7 +183,7 @@ def install_hooks(model: nn.Module) -> None:
 
 def inject(
     model: nn.Module,
-    target_modules: Union[str, Sequence[str]] = ("gate_proj", "up_proj", "down_proj"),
+    target_modules: Union[str, Sequence[str], None] = None,
     num_tasks: int = 1,
     r: int = 8,
     alpha: float = 16.0,
@@ -127,34 +192,60 @@ def inject(
     rslora: bool = False,
     backend: Optional[str] = None,
     deterministic: bool = False,
+    level: str = "linear",
 ) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` modules by :class:`FusedMoELoRALinear` (in place).
+    """Inject MoE-CL experts into ``model`` (in place) and return it.
+
+    ``level="linear"`` (docs/spec.md §1.1): the targeted ``nn.Linear`` modules become
+    :class:`FusedMoELoRALinear`, each mixing its own experts (``target_modules`` default:
+    gate_proj, up_proj, down_proj). ``level="ffn"`` (§1.3, the paper's): every MLP becomes a
+    :class:`FusedMoELoRAMLP` whose experts are whole MLPs (``target_modules`` default: every MLP
+    the architecture has; names may be MLPs or their projections).
 
     ``target_modules``: a list of module-name suffixes (``"up_proj"`` matches
     ``model.layers.0.mlp.up_proj``; every listed name must match) or one regex matched
     against full names. All non-MoE parameters are frozen; shared experts, task experts and
     gates are trainable (narrow that with :func:`set_trainable`). Afterwards
     ``model(..., task_ids=t)`` -- or any submodule's call with ``task_ids=`` -- routes each
-    sequence to its task expert. Returns the model.
+    sequence to its task expert.
     """
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} must be one of {list(LEVELS)}")
     if is_injected(model):
         raise ValueError("model is already injected; use mk.add_tasks(model, n) to grow it")
-    names = find_targets(model, target_modules)  # validate everything before changing anything
-    num_tasks, r, alpha, dropout = FusedMoELoRALinear.check_args(num_tasks, r, dropout, alpha)
+    # validate everything before changing anything
+    if level == "linear":
+        names = find_targets(model, LINEAR_TARGETS if target_modules is None else target_modules)
+    else:
+        mlps = find_mlp_targets(model, target_modules)
+        if any(not root and not layout.bert for _, root, layout in mlps):
+            raise ValueError("model is itself an MLP: wrap it with mk.FusedMoELoRAMLP(model, ...)")
+        names = [name for name, _, _ in mlps]
+    num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
     backend = None if backend in (None, "auto") else backend
     if backend is not None:
         _check_backend_name(backend)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
-        lin = model.get_submodule(name)
-        layer = FusedMoELoRALinear(lin, num_tasks, r, alpha, dropout, gate, rslora, backend, deterministic)
-        layer.train(lin.training)  # keep the model's train/eval mode
-        _set_submodule(model, name, layer)
+    settings = (num_tasks, r, alpha, dropout, gate, rslora, backend, deterministic)
+    if level == "linear":
+        for name in names:
+            lin = model.get_submodule(name)
+            layer = FusedMoELoRALinear(lin, *settings)
+            layer.train(lin.training)  # keep the model's train/eval mode
+            _set_submodule(model, name, layer)
+    else:
+        for _, root, layout in mlps:
+            mlp = FusedMoELoRAMLP(layout.root, *settings, name=root)  # a BERT-style layer is changed in place
+            if not layout.bert:
+                _set_submodule(model, root, mlp)
     structure_changed()
     install_hooks(model)
-    cfg = dict(target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
-               num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora))
+    if target_modules is None:
+        target_modules = list(LINEAR_TARGETS) if level == "linear" else None
+    cfg = dict(target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+               num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora),
+               level=level)
     setattr(model, CONFIG_ATTR, cfg)
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
@@ -223,13 +314,7 @@ def set_trainable(
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
-        layer.lora_shared_A.requires_grad_(shared)
-        layer.lora_shared_B.requires_grad_(shared)
-        if layer.moe_gate is not None:
-            layer.moe_gate.requires_grad_(gate)
-        for k in tasks:
-            layer.lora_task_A[k].requires_grad_(True)
-            layer.lora_task_B[k].requires_grad_(True)
+        layer.set_trainable(tasks, shared=shared, gate=gate)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -256,6 +341,11 @@ def collect_pooled(model: nn.Module, enabled: bool = True, modules: Optional[Ite
         if unknown:
             raise ValueError(f"modules names unknown injected modules: {sorted(unknown)}")
     for name, layer in layers.items():
+        on = bool(enabled) and (names is None or name in names)
+        if on and layer.level == "ffn" and not layer.gate:
+            raise ValueError(f"collect_pooled: module {name!r} is an ungated FFN-level MLP; its pooled shared output "
+                             "needs gate=True (without a gate FFN_shared(x) is not evaluated)")
+    for name, layer in layers.items():
         layer.collect_pooled = bool(enabled) and (names is None or name in names)
     PooledResults.of(model).set({})
 
@@ -270,16 +360,15 @@ def pooled_outputs(model: nn.Module) -> dict[str, Tensor]:
 
 
 def config(model: nn.Module) -> dict:
-    """The injection config (target_modules, num_tasks, r, alpha, dropout, gate, rslora), read
-    from the layers (``target_modules`` as given to ``inject``, when one inject covers ``model``)."""
-    layers = list(_layers(model).values())
-    first = layers[0]
-    cfg = dict(num_tasks=num_tasks(model), r=first.r, alpha=first.lora_alpha, dropout=first.dropout_p,
-               gate=first.gate, rslora=first.use_rslora)
-    for key, get in (("r", lambda m: m.r), ("alpha", lambda m: m.lora_alpha), ("dropout", lambda m: m.dropout_p),
-                     ("gate", lambda m: m.gate), ("rslora", lambda m: m.use_rslora)):
-        if any(get(m) != cfg[key] for m in layers):
+    """The injection config (level, target_modules, num_tasks, r, alpha, dropout, gate, rslora),
+    read from the layers (``target_modules`` as given to ``inject``, when one inject covers ``model``)."""
+    layers = _layers(model)
+    cfg = dict(num_tasks=num_tasks(model))
+    settings = [m.settings() for m in layers.values()]
+    for key in settings[0]:
+        if any(s[key] != settings[0][key] for s in settings):
             raise ValueError(f"the injected layers of this model disagree on {key}")
+        cfg[key] = settings[0][key]
     roots = [m.__dict__[CONFIG_ATTR] for m in model.modules() if CONFIG_ATTR in m.__dict__]
     cfg["target_modules"] = roots[0]["target_modules"] if len(roots) == 1 else None
     return cfg

@@ -1,7 +1,10 @@
 """``save`` / ``load`` of every MoE-CL parameter: safetensors + a JSON config.
 
 ``load`` reads and validates everything (config, every tensor's presence, shape and
-dtype) before touching the model; on any error the model is left unchanged.
+dtype) before touching the model; on any error the model is left unchanged. The config
+records the injection ``level`` (``linear`` or ``ffn``; a config without one is ``linear``).
+Tensors are named by the model's own parameter names (a BERT-style MLP's down projection
+lives at its layer's ``output.dense``).
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .integration import CONFIG_ATTR, find_targets, inject, is_injected, moe_layers
+from .integration import CONFIG_ATTR, LEVELS, find_mlp_targets, find_targets, inject, is_injected, moe_layers
 from .integration import config as _config
+from .layer import FusedMoELoRALinear
+from .mlp import FusedMoELoRAMLP
 
 WEIGHTS_NAME = "moecl_adapter.safetensors"
 CONFIG_NAME = "moecl_config.json"
 HF_CONFIG_NAME = "config.json"  # a save_pretrained() folder of an injected model (its "moecl" entry)
 FORMAT_VERSION = 1
 _INJECT_KEYS = ("target_modules", "num_tasks", "r", "alpha", "dropout", "gate", "rslora")
+_ADAPTER_KEY = re.compile(r"\.(lora_shared_[AB]|lora_task_[AB]\.\d+|moe_gate)$")  # a parameter name of an adapter
+_MODULE_CLASS = {"linear": FusedMoELoRALinear, "ffn": FusedMoELoRAMLP}
 
 
 class LoadError(ValueError):
@@ -33,7 +40,13 @@ class LoadError(ValueError):
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{n}": p for name, layer in moe_layers(model).items() for n, p in layer.adapter_parameters()}
+    """Every adapter parameter of the injected modules of ``model``, by its name in ``model``."""
+    params = {id(p): p for layer in moe_layers(model).values() for _, p in layer.adapter_parameters()}
+    named = {n: p for n, p in model.named_parameters() if id(p) in params}
+    if len(named) != len(params):
+        raise ValueError(f"{type(model).__name__} does not contain all the adapter parameters of its injected modules "
+                         "(a BERT-style MLP's down projection lives in its layer's output.dense): use the layer or model")
+    return named
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -108,11 +121,13 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         for f in files:
             if not f.is_file():
                 raise LoadError(f"path {str(path)!r} has no {f.name}")
-        prefixes = tuple(f"{m}." for m in cfg.get("modules", []))
-        tensors = _read_safetensors(files, keep=lambda k: k.startswith(prefixes) and (".lora_" in k or k.endswith(".moe_gate")))
+        tensors = _read_safetensors(files, keep=lambda k: _ADAPTER_KEY.search(k) is not None)
     missing = [k for k in _INJECT_KEYS + ("modules",) if k not in cfg]
     if missing:
         raise LoadError(f"the saved config in {str(path)!r} lacks keys {missing}")
+    cfg.setdefault("level", "linear")  # saved before the FFN level existed
+    if cfg["level"] not in LEVELS:
+        raise LoadError(f"the saved config in {str(path)!r} has level={cfg['level']!r}; known levels: {list(LEVELS)}")
     return cfg, tensors
 
 
@@ -127,10 +142,11 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
     """
     d = Path(path)
     cfg, tensors = _read(d)
-    modules = list(cfg["modules"])
+    modules, level = list(cfg["modules"]), cfg["level"]
+    r, E, gate = int(cfg["r"]), int(cfg["num_tasks"]), bool(cfg["gate"])
     if is_injected(model):
         have = _config(model)
-        diffs = {k: (cfg[k], have[k]) for k in ("num_tasks", "r", "gate", "rslora") if cfg[k] != have[k]}
+        diffs = {k: (cfg[k], have[k]) for k in ("level", "num_tasks", "r", "gate", "rslora") if cfg[k] != have[k]}
         if strict_config:
             diffs.update({k: (cfg[k], have[k]) for k in ("alpha",) if cfg[k] != have[k]})
         if diffs:
@@ -141,28 +157,27 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
                 f"only in model {sorted(set(moe_layers(model)) - set(modules))[:5]}"
             )
         targets = _adapter_tensors(model)
+        expected = {k: tuple(p.shape) for k, p in targets.items()}
     else:
         exact = "|".join(re.escape(m) for m in modules) or "(?!)"
         try:
-            find_targets(model, exact)
+            if level == "linear":
+                find_targets(model, exact)
+            else:
+                found = {name for name, _, _ in find_mlp_targets(model, exact)}
+                if found != set(modules):
+                    raise ValueError(f"no MLP at saved modules {sorted(set(modules) - found)[:5]}")
         except (ValueError, TypeError) as e:
             raise LoadError(f"the model does not fit the saved modules: {e}") from e
-        absent = [m for m in modules if not isinstance(_get(model, m), nn.Linear)]
-        if absent:
-            raise LoadError(f"the model has no nn.Linear at saved modules {absent[:5]}")
+        if level == "linear":
+            absent = [m for m in modules if not isinstance(_get(model, m), nn.Linear)]
+            if absent:
+                raise LoadError(f"the model has no nn.Linear at saved modules {absent[:5]}")
         targets = None
-    # expected keys and shapes, checked without changing the model
-    expected = {}
-    r = int(cfg["r"])
-    for name in modules:
-        d_out, d_in = _get(model, name).weight.shape
-        expected[f"{name}.lora_shared_A"] = (r, d_in)
-        expected[f"{name}.lora_shared_B"] = (d_out, r)
-        for k in range(int(cfg["num_tasks"])):
-            expected[f"{name}.lora_task_A.{k}"] = (r, d_in)
-            expected[f"{name}.lora_task_B.{k}"] = (d_out, r)
-        if cfg["gate"]:
-            expected[f"{name}.moe_gate"] = (2, d_in)
+        # expected keys and shapes, computed without changing the model
+        expected = {}
+        for name in modules:
+            expected.update(_MODULE_CLASS[level].expected_adapters(model, name, r, E, gate))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -177,7 +192,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
             raise LoadError(f"tensor {k!r} holds non-finite values")
     # all checks passed: now change the model
     if targets is None:
-        inject(model, **dict({k: cfg[k] for k in _INJECT_KEYS}, target_modules=exact))
+        inject(model, **dict({k: cfg[k] for k in _INJECT_KEYS}, target_modules=exact), level=level)
         model.__dict__[CONFIG_ATTR]["target_modules"] = cfg["target_modules"]
         targets = _adapter_tensors(model)
     with torch.no_grad():

@@ -4,8 +4,10 @@ PEFT computes ``s_p * (x A_p^T) B_p^T`` with ``s_p = alpha / r_p`` (``/ sqrt(r_p
 rsLoRA, per-module ``rank_pattern`` / ``alpha_pattern``). Expert k gets ``A_p`` in its
 first ``r_p`` rows (rest zero) and ``B_p * s_p / s`` in its first ``r_p`` columns, where
 ``s`` is the layer's own scaling, so ``s * (x A_k^T) B_k^T`` is PEFT's term. Injected
-modules the adapter does not cover get ``B_k = 0`` (no contribution). Everything is
-validated before the model changes.
+projections the adapter does not cover get ``B_k = 0`` (no contribution). Everything is
+validated before the model changes. Both levels alike: PEFT names each ``nn.Linear`` it
+adapts, and so does every LoRA projection of an injected model (a ``FusedMoELoRALinear``, or
+a projection of a ``FusedMoELoRAMLP``, which keeps the Linear's name).
 
 The model then computes PEFT's output exactly only where nothing else adds to it: layers
 without a gate (``gate=True`` scales the expert by beta_task and adds beta_shared times the
@@ -26,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from .experts import LoRAProjection
 from .integration import moe_layers, num_tasks
 
 _PREFIX = "base_model.model."
@@ -100,7 +103,7 @@ def import_peft_lora(
     if cfg.get("modules_to_save"):
         warnings.warn(f"import_peft_lora ignores modules_to_save={cfg['modules_to_save']} (not LoRA weights)", stacklevel=2)
 
-    layers = moe_layers(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRAProjection)}  # the LoRA projections
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         m = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
@@ -152,8 +155,8 @@ def import_peft_lora(
                 layer.lora_task_B[k].copy_(B.to(layer.lora_task_B[k].dtype))
             else:
                 layer.lora_task_B[k].zero_()
-            layer.invalidate_cache()
-    gated = sorted(n for n, layer in layers.items() if layer.gate)
+            layer.drop_stack_cache()
+    gated = sorted(n for n, layer in moe_layers(model).items() if layer.gate)
     shared = sorted(n for n, layer in layers.items() if bool(layer.lora_shared_B.detach().any()))
     if gated or shared:
         why = []

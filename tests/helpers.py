@@ -83,3 +83,17 @@ def ffn_inputs(T, d, d_ff, r, E, dtype=torch.float64, gated_mlp=True, moe_gate=T
         out[f"{p}_task_B"] = rnd(E, d_o, r, scale=r**-0.5)
     out["moe_gate"] = rnd(2, d, scale=d**-0.5) if moe_gate else None
     return out, g
+
+
+def check_dropout_seeding(module, x):
+    """Dropout: off in eval; in training a fresh mask per call, drawn from torch's RNG (seeded runs repeat)."""
+    tasks = [0, 1, 2, 0]
+    module.eval()
+    assert torch.equal(module(x, task_ids=tasks), module(x, task_ids=tasks))
+    module.train()
+    torch.manual_seed(5)
+    y1 = module(x, task_ids=tasks)
+    torch.manual_seed(5)
+    y2 = module(x, task_ids=tasks)
+    y3 = module(x, task_ids=tasks)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)

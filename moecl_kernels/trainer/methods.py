@@ -1,4 +1,5 @@
-"""The continual-learning methods of the harness, all on one ``FusedMoELoRALinear`` layer.
+"""The continual-learning methods of the harness, all on one injected module (``FusedMoELoRALinear``
+or, at the FFN level, ``FusedMoELoRAMLP``).
 
 | method          | experts       | gate | shared expert       | routing (train / test)   | extra loss                    |
 | --------------- | ------------- | ---- | ------------------- | ------------------------ | ----------------------------- |
@@ -63,13 +64,14 @@ METHODS: dict[str, MethodSpec] = {
 def orthogonality_loss(model: nn.Module, task: int) -> Tensor:
     """O-LoRA's sum over injected modules and earlier tasks j of |A_task A_j^T|_1."""
     total = None
-    for layer in mk.moe_layers(model).values():
-        a = layer.lora_task_A[task]
+    projections = [p for layer in mk.moe_layers(model).values() for p in layer.lora_projections()]
+    for proj in projections:
+        a = proj.lora_task_A[task]
         for j in range(task):
-            term = (a @ layer.lora_task_A[j].detach().T).abs().sum()
+            term = (a @ proj.lora_task_A[j].detach().T).abs().sum()
             total = term if total is None else total + term
     if total is None:
-        return next(iter(mk.moe_layers(model).values())).lora_task_A[task].new_zeros(())
+        return projections[0].lora_task_A[task].new_zeros(())
     return total
 
 
