@@ -121,6 +121,11 @@ def _tiny(method, **over):
     return model, prep
 
 
+def _projections(model):
+    """The LoRA projections of the first injected module (the layer itself at the linear level)."""
+    return next(iter(mk.moe_layers(model.backbone).values())).lora_projections()
+
+
 def _batch(prep, task=1, n=8):
     return collate(prep.train[task][:n], prep.encoder.pad_id, "classification")
 
@@ -145,10 +150,10 @@ def test_discriminator_descends_and_shared_expert_ascends():
     model, prep = _tiny("moecl", **{"method.adv_cap": "false"})
     model.set_task(1)
     batch = _batch(prep)
-    layer = next(iter(mk.moe_layers(model.backbone).values()))
+    layer = _projections(model)[-1]  # any level: the first module's last projection (the down one for an MLP)
     with torch.no_grad():  # a nonzero shared B so that A_s gets gradients too
-        for lay in mk.moe_layers(model.backbone).values():
-            lay.lora_shared_B.normal_(0, 0.05)
+        for proj in _projections(model):
+            proj.lora_shared_B.normal_(0, 0.05)
     W = model.discriminators.linears[0].weight
     shared = [layer.lora_shared_A, layer.lora_shared_B]
     params = [W] + shared
@@ -198,12 +203,11 @@ def test_adversarial_cap_stops_the_ascent_at_chance_level():
     with torch.no_grad():
         for lin in model.discriminators.linears:  # a discriminator that is sure of the wrong task
             lin.weight.zero_()
-        for lay in mk.moe_layers(model.backbone).values():
-            lay.lora_shared_B.normal_(0, 0.05)
+        for proj in _projections(model):
+            proj.lora_shared_B.normal_(0, 0.05)
     out = model(**batch, scale=1.0 / 8)
     assert float(out["disc_loss"]) == pytest.approx(math.log(3), rel=1e-5)  # uniform: at the cap
-    layer = next(iter(mk.moe_layers(model.backbone).values()))
-    params = [layer.lora_shared_B, model.discriminators.linears[0].weight]
+    params = [_projections(model)[-1].lora_shared_B, model.discriminators.linears[0].weight]
     g_cap = _grads(model, batch, params)
     model.lambda_adv, lam = 0.0, model.lambda_adv
     g_task = _grads(model, batch, params)
@@ -216,17 +220,17 @@ def test_olora_orthogonality_and_merge():
     model, prep = _tiny("olora")
     bb = model.backbone
     assert orthogonality_loss(bb, 0) == 0
-    layers = mk.moe_layers(bb)
-    lay = next(iter(layers.values()))
-    expected = sum((lay_.lora_task_A[2] @ lay_.lora_task_A[j].T).abs().sum() for lay_ in layers.values() for j in (0, 1))
+    projs = [p for lay_ in mk.moe_layers(bb).values() for p in lay_.lora_projections()]
+    lay = projs[0]
+    expected = sum((p.lora_task_A[2] @ p.lora_task_A[j].T).abs().sum() for p in projs for j in (0, 1))
     loss = orthogonality_loss(bb, 2)
     torch.testing.assert_close(loss, expected)
     (g,) = torch.autograd.grad(loss, [lay.lora_task_A[2]])
     assert g.abs().sum() > 0
     # merging expert 0 into the base weight: routing -1 on the merged model == routing 0 before
     with torch.no_grad():
-        for l_ in layers.values():
-            l_.lora_task_B[0].normal_(0, 0.1)
+        for p in projs:
+            p.lora_task_B[0].normal_(0, 0.1)
     batch = _batch(prep, task=0)
     model.eval()
     with torch.no_grad():
@@ -244,9 +248,10 @@ def test_trainability_per_method():
                                              ("isolated_lora", False, False)]:
         model, _ = _tiny(name)
         model.set_task(2)
-        lay = next(iter(mk.moe_layers(model.backbone).values()))
+        module = next(iter(mk.moe_layers(model.backbone).values()))
+        lay = module.lora_projections()[0]
         assert lay.lora_shared_A.requires_grad == expect_shared
-        assert (lay.moe_gate is not None and lay.moe_gate.requires_grad) == expect_gate
+        assert (module.moe_gate is not None and module.moe_gate.requires_grad) == expect_gate
         if name != "seq_lora":
             assert [a.requires_grad for a in lay.lora_task_A] == [False, False, True]
         assert [h.weight.requires_grad for h in model.heads] == [False, False, True]

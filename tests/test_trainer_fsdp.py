@@ -67,7 +67,7 @@ def test_sharded_backbone_keeps_adapters_whole_and_outputs(one_process_group):
         for p in adapter_parameters(plain.backbone) + adapter_parameters(model.backbone):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     assert shard_backbone(model.backbone, adapter_parameters(model.backbone), one_process_group) == 2
-    layer = next(iter(mk.moe_layers(model.backbone).values()))
+    layer = next(iter(mk.moe_layers(model.backbone).values())).lora_projections()[0]
     assert is_sharded(layer.weight) and not any(is_sharded(p) for p in adapter_parameters(model.backbone))
     batch = collate(prep.train[1][:4], prep.encoder.pad_id, "classification")
     model.set_task(1)

@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataFormatError
     from .engine import run
-    from .report import comparison_markdown
+    from .report import comparison_markdown, level_line
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -66,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"moecl-train: {'data' if isinstance(e, DataFormatError) else 'checkpoint'} error: {e}", file=sys.stderr)
         return 2
     if main_process:
+        print(level_line(results))
         print(comparison_markdown(results))
         print(f"reports: {cfg.run_dir} (comparison.md, <method>/report.md)")
         print("heatmaps (accuracy matrix R):")

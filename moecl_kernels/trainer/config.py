@@ -42,7 +42,10 @@ class ModelConfig:
     name_or_path: str = "tiny-llama"
     tokenizer: Optional[str] = None  # default: the model's; "builtin" for the built-in tokenizer
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # LoRA math accumulates in fp32
-    target_modules: Any = None  # None = the FFN projections (gate/up/down_proj or BERT intermediate/output)
+    # ffn: each expert is a whole MLP, mixed once per MLP (the paper's, docs/spec.md §1.3); linear: each
+    # projection mixes its own experts (§1.1)
+    level: str = _f("ffn", choices=("ffn", "linear"))
+    target_modules: Any = None  # None = every MLP (ffn) / the FFN projections (linear: gate/up/down_proj, BERT dense)
     r: int = _f(8, 1)
     alpha: float = _f(16.0, 0, gt=True)
     dropout: float = _f(0.05, 0.0, 1.0, lt=True)

@@ -117,10 +117,10 @@ def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.
     special = {"pad_token_id": getattr(tok, "pad_token_id", None), "bos_token_id": getattr(tok, "bos_token_id", None),
                "eos_token_id": getattr(tok, "eos_token_id", None)}
     backbone = build_backbone(m.name_or_path, cfg.train.mode == "generative", len(tok), cfg.data.max_length, m.dtype, special)
-    targets = m.target_modules if m.target_modules else default_target_modules(backbone)
+    targets = m.target_modules if m.target_modules or m.level == "ffn" else default_target_modules(backbone)
     num_tasks = len(prep.tasks)
     mk.inject(backbone, target_modules=targets, num_tasks=spec.num_experts(num_tasks), r=m.r, alpha=m.alpha,
-              dropout=m.dropout, gate=spec.gate, backend=m.backend)
+              dropout=m.dropout, gate=spec.gate, backend=m.backend, level=m.level)
     model = ContinualModel(
         backbone, spec, [t.num_classes for t in prep.tasks], cfg.train.mode,
         pooling="first" if is_encoder(backbone) else "last", lambda_adv=cfg.method.lambda_adv,
@@ -270,7 +270,8 @@ class MethodRun:
         cfg = self.cfg
         R, b = self.state["R"], self.state["baseline"]
         return {
-            "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "seed": cfg.seed,
+            "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "level": cfg.model.level,
+            "seed": cfg.seed,
             "tasks": [t.name for t in self.prep.tasks], "data_sha256": self.prep.digest, "R": R, "baseline": b,
             "metrics": cl_metrics(R, b), "wall_time_s": wall, "parallel": self.kind,
             "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,

@@ -34,6 +34,15 @@ def machine_info(world_size: int) -> dict[str, Any]:
             "world_size": world_size}
 
 
+_LEVELS = {"ffn": "FFN level: experts are whole MLPs", "linear": "linear level: experts per projection"}
+
+
+def level_line(results: dict[str, dict[str, Any]]) -> str:
+    """Which MoE-CL level the run's methods used (docs/spec.md §1.1 / §1.3)."""
+    levels = sorted({r.get("level", "linear") for r in results.values()})
+    return "MoE-CL " + " / ".join(_LEVELS[lv] for lv in levels) + f" (model.level={'/'.join(levels)})"
+
+
 def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f}" if v < 0 or v > 0 else "+0.0"
 
@@ -85,7 +94,7 @@ def write_method_report(out_dir: Path, result: dict[str, Any]) -> None:
         f"# {result['method']} on {result['benchmark']}",
         "",
         f"ACC {_pct(m['ACC'])} | BWT {_fmt(m['BWT'])} | FWT {_fmt(m['FWT'])} (percentage points; "
-        f"{result['mode']} mode, seed {result['seed']})",
+        f"{result['mode']} mode, {_LEVELS[result.get('level', 'linear')]}, seed {result['seed']})",
         "",
         "Accuracy matrix R (%): row i = after training tasks 1..i, column j = test accuracy on task j.",
         "",
@@ -116,6 +125,6 @@ def write_comparison(run_dir: Path, results: dict[str, dict[str, Any]]) -> str:
     first = next(iter(results.values()))
     atomic_write_text(run_dir / "comparison.md", "\n".join([
         f"# Comparison on {first['benchmark']} ({len(first['tasks'])} tasks: {', '.join(first['tasks'])})", "",
-        table, "", "ACC: final mean accuracy; BWT: backward transfer (negative = forgetting); "
+        level_line(results), "", table, "", "ACC: final mean accuracy; BWT: backward transfer (negative = forgetting); "
         "FWT: forward transfer vs the untrained model.", ""]))
     return table

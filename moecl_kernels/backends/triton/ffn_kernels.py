@@ -1,0 +1,610 @@
+"""Triton kernels of the FFN-level op (docs/spec.md §1.3; ``contract/ffn_args.py``).
+
+The base GEMMs stay with cuBLAS and the rank-r shrinks/expands of x, gy and y/dx with the
+linear op's kernels (``kernels.py``); these kernels are the passes over the [T, d_ff] tiles of
+the base pre-activations g and u, where the experts differ:
+
+``_ffn_fwd_kernel``   programs = token blocks (grouped by expert as in ``kernels.py``) x
+    d_ff splits; each walks its d_ff range in BLOCK_F chunks: adds the rank-r terms of the
+    shared and the routed expert to g and u (s a B^T), applies the activation per expert,
+    writes the mixed h = h_s + c_t (h_t - h_s) once and accumulates the down-LoRA shrinks
+    z_e = h~_e A_down,e^T (h~: the down dropout mask) in registers.
+``_ffn_bwd_kernel``   the mirror: from dh = gy W_down (cuBLAS) and q = s gy B_down (the linear
+    shrink) it recomputes h_e, forms dL/dh_e = c_e dh + keep(dz_e A_down,e) / (1 - p) (+ the
+    pooled-output gradient), writes dg and du once (for the cuBLAS dgrad GEMMs) and
+    accumulates da = s [dpg B_gate, dpu B_up] per expert and the gate's dL/dc_e.
+``_ffn_wgrad_kernel`` programs = d_ff blocks, each walking every token once (grouped by
+    expert): the same recomputation, reduced over tokens into dB_gate, dB_up (rows of the
+    block) and dA_down (columns of the block) of the shared expert and of each trainable
+    expert. Deterministic (no atomics), every output element written (zeros included).
+
+Without a gate both experts' terms go into one evaluation (``MOE_GATE=False``). A d_ff split
+(``PARTIAL``) writes fp32 partials that the host sums (decode: few token blocks).
+
+GPU safety (as the linear kernels after issue 15): the dropout seed is read from device memory
+(``SEED``), token rows read through ``sorted_idx`` are bounds-checked, block ranges clamped to
+[0, T], row offsets are int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...contract import dropout as _d
+from ...contract.ffn_args import DOWN_SEED_XOR
+from .kernels import ROUTE_GROUPED, ROUTE_SINGLE, _block_of, _keep, _row_keys
+
+ACT_SILU = tl.constexpr(0)
+ACT_GELU = tl.constexpr(1)
+ACT_GELU_TANH = tl.constexpr(2)
+ACT_RELU = tl.constexpr(3)
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+_DOWN_KEY = tl.constexpr((DOWN_SEED_XOR ^ _d.SEED_XOR) & 0xFFFFFFFF)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # (constexprs go right of tensors: the interpreter needs it)
+_TWO_SQRT_2_OVER_PI = tl.constexpr(2 * 0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """(act(z), act'(z)) in fp32 (the derivative is dead code where unused)."""
+    if ACT == ACT_SILU:
+        s = tl.sigmoid(z)
+        a = z * s
+        d = s * (1.0 + z * (1.0 - s))
+    elif ACT == ACT_GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _INV_SQRT_2))
+        a = z * cdf
+        d = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == ACT_GELU_TANH:
+        t = 2.0 * tl.sigmoid((z + 0.044715 * z * z * z) * _TWO_SQRT_2_OVER_PI) - 1.0  # tanh(sqrt(2/pi) (z + c z^3))
+        a = 0.5 * z * (1.0 + t)
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+    else:
+        a = tl.maximum(z, 0.0)
+        d = (z > 0.0).to(tl.float32)
+    return a, d
+
+
+@triton.jit
+def _down_keys(SEED, rows):
+    """Per-row hash keys of the down LoRA's dropout mask: seed ^ DOWN_SEED_XOR, read on the device."""
+    key = tl.load(SEED).to(tl.uint32) ^ tl.full([1], _DOWN_KEY, tl.uint32)
+    return _row_keys(rows, key)
+
+
+@triton.jit
+def _token_block(pid, sorted_ptr, offsets_ptr, single, T, E, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr,
+                 ROUTE: tl.constexpr):
+    """(expert or -1, rows int64, valid) of token block ``pid``: ranges clamped to [0, T],
+    rows read through sorted_idx checked to lie in [0, T)."""
+    expert, start, end = _block_of(pid, offsets_ptr, single, T, E, BLOCK_T, G_PAD, ROUTE)
+    start = tl.minimum(tl.maximum(start, 0), T)
+    end = tl.minimum(tl.maximum(end, start), T)
+    pos = start + tl.arange(0, BLOCK_T)
+    valid = pos < end
+    if ROUTE == ROUTE_SINGLE:
+        rows = pos
+    else:
+        rows = tl.load(sorted_ptr + pos, mask=valid, other=0)
+        valid = valid & (rows >= 0) & (rows < T)
+        rows = tl.where(valid, rows, 0)
+    return expert, rows.to(tl.int64), valid
+
+
+@triton.jit
+def _rank_cols(P, rr, valid, width, col0, r, R_PAD: tl.constexpr):
+    """P[rows, col0:col0 + r] of a row-major [T, width] fp32 tensor as a [BT, R_PAD] tile."""
+    j = tl.arange(0, R_PAD)
+    return tl.load(P + rr[:, None] * width + col0 + j[None, :], mask=valid[:, None] & (j < r)[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_fr(W, e64, stride_e, stride_f, stride_r, f64, fm, jm, R_PAD: tl.constexpr):
+    """A [BF, R_PAD] chunk of a [.., d_ff, r] (B) or [.., r, d_ff] (A, strides swapped) matrix."""
+    return tl.load(W + e64 * stride_e + f64[:, None] * stride_f + tl.arange(0, R_PAD)[None, :] * stride_r,
+                   mask=fm[:, None] & jm[None, :], other=0.0)
+
+
+@triton.jit
+def _pre_acts(g, u, sa_g, sa_u, bg, bu, GATED_MLP: tl.constexpr, PREC: tl.constexpr):
+    """(pg, pu): g + sa_g B_g^T, u + sa_u B_u^T for one expert ([BT, BF] fp32; B chunks [BF, R_PAD])."""
+    pu = u + tl.dot(sa_u, tl.trans(bu), input_precision=PREC)
+    pg = pu
+    if GATED_MLP:
+        pg = g + tl.dot(sa_g, tl.trans(bg), input_precision=PREC)
+    return pg, pu
+
+
+@triton.jit
+def _hidden(pg, pu, ACT: tl.constexpr, GATED_MLP: tl.constexpr):
+    """(h, act, act') of pre-activations: h = act(pg) * pu, or act(pu) for a plain MLP."""
+    if GATED_MLP:
+        a, d = _act(pg, ACT)
+        h = a * pu
+    else:
+        a, d = _act(pu, ACT)
+        h = a
+    return h, a, d
+
+
+@triton.jit
+def _dpre(dh_e, pu, a, d, GATED_MLP: tl.constexpr):
+    """(dpg, dpu) from dL/dh of one evaluation."""
+    if GATED_MLP:
+        return dh_e * pu * d, dh_e * a
+    return dh_e * d, dh_e * d
+
+
+@triton.jit
+def _load_tiles(G, U, DH, rr, valid, f64, fm, F, GATED_MLP: tl.constexpr, WITH_DH: tl.constexpr):
+    m2 = valid[:, None] & fm[None, :]
+    off = rr[:, None] * F + f64[None, :]
+    u = tl.load(U + off, mask=m2, other=0.0).to(tl.float32)
+    g = u
+    if GATED_MLP:
+        g = tl.load(G + off, mask=m2, other=0.0).to(tl.float32)
+    dh = u
+    if WITH_DH:
+        dh = tl.load(DH + off, mask=m2, other=0.0).to(tl.float32)
+    return g, u, dh
+
+
+@triton.jit
+def _tile_backward(g, u, dh, sa_gs, sa_us, sa_gt, sa_ut, bgs, bus, bgt, but, ads, adt, dz_s, dz_t, c_s, c_t, keep,
+                   extra_s, inv_keep, ACT: tl.constexpr, GATED_MLP: tl.constexpr, MOE_GATE: tl.constexpr,
+                   TASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """Recompute one [BT, BF] tile of both experts and backpropagate dh through it:
+    (h_s, h_t, dpg_s, dpu_s, dpg_t, dpu_t). ``extra_s``: more dL/dh_s (pooled outputs)."""
+    dt = bgs.dtype
+    back_s = tl.dot(dz_s.to(dt), tl.trans(ads), input_precision=PREC)
+    back_t = back_s * 0.0
+    if TASK:
+        back_t = tl.dot(dz_t.to(dt), tl.trans(adt), input_precision=PREC)
+    pg_s, pu_s = _pre_acts(g, u, sa_gs, sa_us, bgs, bus, GATED_MLP, PREC)
+    if MOE_GATE:  # two evaluations, each with its own dL/dh
+        h_s, a_s, d_s = _hidden(pg_s, pu_s, ACT, GATED_MLP)
+        if DROPOUT:
+            back_s = tl.where(keep, back_s * inv_keep, 0.0)
+            back_t = tl.where(keep, back_t * inv_keep, 0.0)
+        dpg_s, dpu_s = _dpre(c_s[:, None] * dh + back_s + extra_s, pu_s, a_s, d_s, GATED_MLP)
+        h_t, dpg_t, dpu_t = h_s, dpg_s * 0.0, dpu_s * 0.0
+        if TASK:
+            pg_t, pu_t = _pre_acts(g, u, sa_gt, sa_ut, bgt, but, GATED_MLP, PREC)
+            h_t, a_t, d_t = _hidden(pg_t, pu_t, ACT, GATED_MLP)
+            dpg_t, dpu_t = _dpre(c_t[:, None] * dh + back_t, pu_t, a_t, d_t, GATED_MLP)
+    else:  # one evaluation carrying both experts' terms
+        if TASK:
+            pg_s += tl.dot(sa_gt, tl.trans(bgt), input_precision=PREC)
+            pu_s += tl.dot(sa_ut, tl.trans(but), input_precision=PREC)
+        h_s, a_s, d_s = _hidden(pg_s, pu_s, ACT, GATED_MLP)
+        back = back_s + back_t
+        if DROPOUT:
+            back = tl.where(keep, back * inv_keep, 0.0)
+        dpg_s, dpu_s = _dpre(dh + back, pu_s, a_s, d_s, GATED_MLP)
+        h_t, dpg_t, dpu_t = h_s, dpg_s, dpu_s
+    return h_s, h_t, dpg_s, dpu_s, dpg_t, dpu_t
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit(do_not_specialize=["single"])
+def _ffn_fwd_kernel(
+    G, U, H, HS, A_S, A_T, COEF, Z_S, Z_T, WS,
+    BGS, BGT, BUS, BUT, s_be, s_bf, s_br,
+    ADS, ADT, s_ae, s_ar, s_af,
+    SEED, sorted_ptr, offsets_ptr, single, T, E, F, r, f_per_split, scale, thr, inv_keep,
+    ACT: tl.constexpr, ROUTE: tl.constexpr, TASK: tl.constexpr, MOE_GATE: tl.constexpr, GATED_MLP: tl.constexpr,
+    DROPOUT: tl.constexpr, POOL: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr, R_PAD: tl.constexpr, G_PAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """h (and h_s with POOL) over this program's d_ff range; z_s, z_t (or PARTIAL fp32 sums in WS)."""
+    pid_f = tl.program_id(1)
+    expert, rr, valid = _token_block(tl.program_id(0), sorted_ptr, offsets_ptr, single, T, E, BLOCK_T, G_PAD, ROUTE)
+    if tl.max(valid.to(tl.int32), 0) == 0:
+        return
+    has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
+    j = tl.arange(0, R_PAD)
+    jm = j < r
+    jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
+    ex = tl.maximum(expert, 0).to(tl.int64)
+    NPRE: tl.constexpr = 2 if GATED_MLP else 1
+    dt = BUS.dtype.element_ty
+    sa_gs = (scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_us = (scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    sa_gt = (scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_ut = (scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    c_t = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
+    if DROPOUT:
+        keys = _down_keys(SEED, rr)
+    z_s = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    z_t = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    f_lo = pid_f * f_per_split
+    f_hi = tl.minimum(f_lo + f_per_split, F)
+    for f0 in range(f_lo, f_hi, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        fm = f < f_hi
+        f64 = f.to(tl.int64)
+        g, u, _ = _load_tiles(G, U, U, rr, valid, f64, fm, F, GATED_MLP, False)
+        bgs = _chunk_fr(BGS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+        bus = _chunk_fr(BUS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+        ads = _chunk_fr(ADS, 0, 0, s_af, s_ar, f64, fm, jm, R_PAD)
+        pg, pu = _pre_acts(g, u, sa_gs, sa_us, bgs, bus, GATED_MLP, PREC)
+        if TASK:
+            bgt = _chunk_fr(BGT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            but = _chunk_fr(BUT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            adt = _chunk_fr(ADT, ex, s_ae, s_af, s_ar, f64, fm, jm_t, R_PAD)
+        if MOE_GATE:  # h = h_s + c_t (h_t - h_s)
+            h_s, _a, _d = _hidden(pg, pu, ACT, GATED_MLP)
+            h_t = h_s
+            h = h_s
+            if TASK:
+                pg_t, pu_t = _pre_acts(g, u, sa_gt, sa_ut, bgt, but, GATED_MLP, PREC)
+                h_t, _a, _d = _hidden(pg_t, pu_t, ACT, GATED_MLP)
+                h = h_s + c_t[:, None] * (h_t - h_s)
+        else:  # one MLP carrying both experts' terms
+            if TASK:
+                pg += tl.dot(sa_gt, tl.trans(bgt), input_precision=PREC)
+                pu += tl.dot(sa_ut, tl.trans(but), input_precision=PREC)
+            h_s, _a, _d = _hidden(pg, pu, ACT, GATED_MLP)
+            h_t = h_s
+            h = h_s
+        off = rr[:, None] * F + f64[None, :]
+        m2 = valid[:, None] & fm[None, :]
+        tl.store(H + off, h.to(H.dtype.element_ty), mask=m2)
+        if POOL:
+            tl.store(HS + off, h_s.to(HS.dtype.element_ty), mask=m2)
+        if DROPOUT:
+            keep = _keep(keys, f, thr)
+            h_s = tl.where(keep, h_s, 0.0)
+            h_t = tl.where(keep, h_t, 0.0)
+        z_s = tl.dot(h_s.to(dt), ads, z_s, input_precision=PREC)
+        if TASK:
+            z_t = tl.dot(h_t.to(dt), adt, z_t, input_precision=PREC)
+    if DROPOUT:
+        z_s *= inv_keep
+        z_t *= inv_keep
+    z_t = tl.where(has[:, None], z_t, 0.0)
+    m2 = valid[:, None] & jm[None, :]
+    if PARTIAL:
+        base = WS + (pid_f * T + rr) * (2 * R_PAD)
+        tl.store(base[:, None] + j[None, :], z_s, mask=m2)
+        tl.store(base[:, None] + R_PAD + j[None, :], z_t, mask=m2)
+    else:
+        tl.store(Z_S + rr[:, None] * r + j[None, :], z_s, mask=m2)
+        tl.store(Z_T + rr[:, None] * r + j[None, :], z_t, mask=m2)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dg, du, da, dlog
+
+
+@triton.jit
+def _pool_rows(POOLW, GZP, rr, valid, S, r, R_PAD: tl.constexpr):
+    """(pool weight of each row [BT], the pooled z gradient of its sequence [BT, R_PAD])."""
+    w = tl.load(POOLW + rr, mask=valid, other=0.0)
+    j = tl.arange(0, R_PAD)
+    gz = tl.load(GZP + (rr // S)[:, None] * r + j[None, :], mask=valid[:, None] & (j < r)[None, :], other=0.0)
+    return w, gz
+
+
+@triton.jit(do_not_specialize=["single"])
+def _ffn_bwd_kernel(
+    G, U, DH, DG, DU, A_S, A_T, COEF, QS, QT, Z_S, Z_T, DA_S, DA_T, DLOG, WS,
+    POOLW, GHP, GZP, S,
+    BGS, BGT, BUS, BUT, s_be, s_bf, s_br,
+    ADS, ADT, s_ae, s_ar, s_af,
+    SEED, sorted_ptr, offsets_ptr, single, T, E, F, r, f_per_split, scale, thr, inv_keep,
+    ACT: tl.constexpr, ROUTE: tl.constexpr, TASK: tl.constexpr, MOE_GATE: tl.constexpr, GATED_MLP: tl.constexpr,
+    DROPOUT: tl.constexpr, POOL_H: tl.constexpr, POOL_Z: tl.constexpr, NEED_GATE: tl.constexpr,
+    PARTIAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, R_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dg, du over this program's d_ff range; da_s, da_t, dlog (or PARTIAL fp32 sums in WS:
+    [da_gs, da_us, da_gt, da_ut (R_PAD each), gbeta_s, gbeta_t])."""
+    pid_f = tl.program_id(1)
+    expert, rr, valid = _token_block(tl.program_id(0), sorted_ptr, offsets_ptr, single, T, E, BLOCK_T, G_PAD, ROUTE)
+    if tl.max(valid.to(tl.int32), 0) == 0:
+        return
+    has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
+    j = tl.arange(0, R_PAD)
+    jm = j < r
+    jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
+    ex = tl.maximum(expert, 0).to(tl.int64)
+    NPRE: tl.constexpr = 2 if GATED_MLP else 1
+    dt = BUS.dtype.element_ty
+    sa_gs = (scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_us = (scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    sa_gt = (scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_ut = (scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    c_s = tl.load(COEF + rr * 2, mask=valid, other=0.0)
+    c_t = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
+    qs_s = _rank_cols(QS, rr, valid, r, 0, r, R_PAD)
+    qs_t = _rank_cols(QT, rr, valid, r, 0, r, R_PAD)
+    dz_s = c_s[:, None] * qs_s
+    dz_t = c_t[:, None] * qs_t
+    w = c_s * 0.0
+    if POOL_Z:
+        w, gz = _pool_rows(POOLW, GZP, rr, valid, S, r, R_PAD)
+        dz_s += w[:, None] * gz
+    if POOL_H:
+        w = tl.load(POOLW + rr, mask=valid, other=0.0)
+    keys = rr.to(tl.uint32)
+    if DROPOUT:
+        keys = _down_keys(SEED, rr)
+    da_gs = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_us = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_gt = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_ut = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    gb_s = tl.zeros([BLOCK_T], tl.float32)
+    gb_t = tl.zeros([BLOCK_T], tl.float32)
+    f_lo = pid_f * f_per_split
+    f_hi = tl.minimum(f_lo + f_per_split, F)
+    for f0 in range(f_lo, f_hi, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        fm = f < f_hi
+        f64 = f.to(tl.int64)
+        m2 = valid[:, None] & fm[None, :]
+        off = rr[:, None] * F + f64[None, :]
+        g, u, dh = _load_tiles(G, U, DH, rr, valid, f64, fm, F, GATED_MLP, True)
+        bgs = _chunk_fr(BGS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+        bus = _chunk_fr(BUS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+        ads = _chunk_fr(ADS, 0, 0, s_af, s_ar, f64, fm, jm, R_PAD)
+        bgt, but, adt = bgs, bus, ads
+        if TASK:
+            bgt = _chunk_fr(BGT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            but = _chunk_fr(BUT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            adt = _chunk_fr(ADT, ex, s_ae, s_af, s_ar, f64, fm, jm_t, R_PAD)
+        keep = m2
+        if DROPOUT:
+            keep = _keep(keys, f, thr)
+        extra = dh * 0.0
+        if POOL_H:
+            extra = w[:, None] * tl.load(GHP + (rr // S)[:, None] * F + f64[None, :], mask=m2, other=0.0)
+        h_s, h_t, dpg_s, dpu_s, dpg_t, dpu_t = _tile_backward(
+            g, u, dh, sa_gs, sa_us, sa_gt, sa_ut, bgs, bus, bgt, but, ads, adt, dz_s, dz_t, c_s, c_t, keep, extra,
+            inv_keep, ACT, GATED_MLP, MOE_GATE, TASK, DROPOUT, PREC)
+        if MOE_GATE:
+            dpg, dpu = dpg_s + dpg_t, dpu_s + dpu_t
+        else:
+            dpg, dpu = dpg_s, dpu_s
+        tl.store(DU + off, dpu.to(DU.dtype.element_ty), mask=m2)
+        if GATED_MLP:
+            tl.store(DG + off, dpg.to(DG.dtype.element_ty), mask=m2)
+            da_gs = tl.dot(dpg_s.to(dt), bgs, da_gs, input_precision=PREC)
+        da_us = tl.dot(dpu_s.to(dt), bus, da_us, input_precision=PREC)
+        if TASK:
+            if GATED_MLP:
+                da_gt = tl.dot(dpg_t.to(dt), bgt, da_gt, input_precision=PREC)
+            da_ut = tl.dot(dpu_t.to(dt), but, da_ut, input_precision=PREC)
+        if NEED_GATE:  # dL/dc_e = <dh, h_e> + s <q_e, z_e>: the first term here
+            gb_s += tl.sum(tl.where(m2, dh * h_s, 0.0), 1)
+            gb_t += tl.sum(tl.where(m2, dh * h_t, 0.0), 1)
+    da_gs *= scale
+    da_us *= scale
+    da_gt = tl.where(has[:, None], da_gt * scale, 0.0)
+    da_ut = tl.where(has[:, None], da_ut * scale, 0.0)
+    if PARTIAL:
+        W: tl.constexpr = 4 * R_PAD + 2
+        base = WS + (pid_f * T + rr) * W
+        m2 = valid[:, None] & (j < R_PAD)[None, :]
+        tl.store(base[:, None] + j[None, :], da_gs, mask=m2)
+        tl.store(base[:, None] + R_PAD + j[None, :], da_us, mask=m2)
+        tl.store(base[:, None] + 2 * R_PAD + j[None, :], da_gt, mask=m2)
+        tl.store(base[:, None] + 3 * R_PAD + j[None, :], da_ut, mask=m2)
+        tl.store(base + 4 * R_PAD, gb_s, mask=valid)
+        tl.store(base + 4 * R_PAD + 1, gb_t, mask=valid)
+    else:
+        _bwd_epilogue(da_gs, da_us, da_gt, da_ut, gb_s, gb_t, rr, valid, has, qs_s, qs_t, Z_S, Z_T, COEF, DA_S, DA_T,
+                      DLOG, r, GATED_MLP, NEED_GATE, R_PAD)
+
+
+@triton.jit
+def _bwd_epilogue(da_gs, da_us, da_gt, da_ut, gb_s, gb_t, rr, valid, has, qs_s, qs_t, Z_S, Z_T, COEF, DA_S, DA_T,
+                  DLOG, r, GATED_MLP: tl.constexpr, NEED_GATE: tl.constexpr, R_PAD: tl.constexpr):
+    """Store da_s = [da_gs | da_us], da_t likewise, and with NEED_GATE the logit gradients
+    dlog = c (gbeta - <c, gbeta>) (0 without a task), gbeta_e += s <q_e, z_e>."""
+    j = tl.arange(0, R_PAD)
+    m2 = valid[:, None] & (j < r)[None, :]
+    NPRE: tl.constexpr = 2 if GATED_MLP else 1
+    row = rr[:, None] * (NPRE * r)
+    if GATED_MLP:
+        tl.store(DA_S + row + j[None, :], da_gs, mask=m2)
+        tl.store(DA_T + row + j[None, :], da_gt, mask=m2)
+    tl.store(DA_S + row + (NPRE - 1) * r + j[None, :], da_us, mask=m2)
+    tl.store(DA_T + row + (NPRE - 1) * r + j[None, :], da_ut, mask=m2)
+    if NEED_GATE:
+        z_s = _rank_cols(Z_S, rr, valid, r, 0, r, R_PAD)
+        z_t = _rank_cols(Z_T, rr, valid, r, 0, r, R_PAD)
+        gb_s += tl.sum(qs_s * z_s, 1)
+        gb_t += tl.sum(qs_t * z_t, 1)
+        c0 = tl.load(COEF + rr * 2, mask=valid, other=0.0)
+        c1 = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
+        dot = c0 * gb_s + c1 * gb_t
+        tl.store(DLOG + rr * 2, tl.where(has, c0 * (gb_s - dot), 0.0), mask=valid)
+        tl.store(DLOG + rr * 2 + 1, tl.where(has, c1 * (gb_t - dot), 0.0), mask=valid)
+
+
+@triton.jit
+def _ffn_bwd_finalize_kernel(
+    WS, splits, token_task, QS, QT, Z_S, Z_T, COEF, DA_S, DA_T, DLOG, T, r,
+    GATED_MLP: tl.constexpr, NEED_GATE: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Sum the d_ff splits of ``_ffn_bwd_kernel`` (fixed order) and run its epilogue."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = rows < T
+    rr = rows.to(tl.int64)
+    j = tl.arange(0, R_PAD)
+    W: tl.constexpr = 4 * R_PAD + 2
+    da_gs = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_us = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_gt = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    da_ut = tl.zeros([BLOCK_T, R_PAD], tl.float32)
+    gb_s = tl.zeros([BLOCK_T], tl.float32)
+    gb_t = tl.zeros([BLOCK_T], tl.float32)
+    for s in range(splits):
+        base = WS + (s * T + rr) * W
+        da_gs += tl.load(base[:, None] + j[None, :], mask=valid[:, None], other=0.0)
+        da_us += tl.load(base[:, None] + R_PAD + j[None, :], mask=valid[:, None], other=0.0)
+        da_gt += tl.load(base[:, None] + 2 * R_PAD + j[None, :], mask=valid[:, None], other=0.0)
+        da_ut += tl.load(base[:, None] + 3 * R_PAD + j[None, :], mask=valid[:, None], other=0.0)
+        gb_s += tl.load(base + 4 * R_PAD, mask=valid, other=0.0)
+        gb_t += tl.load(base + 4 * R_PAD + 1, mask=valid, other=0.0)
+    has = tl.load(token_task + rows, mask=valid, other=-1) >= 0
+    qs_s = _rank_cols(QS, rr, valid, r, 0, r, R_PAD)
+    qs_t = _rank_cols(QT, rr, valid, r, 0, r, R_PAD)
+    _bwd_epilogue(da_gs, da_us, da_gt, da_ut, gb_s, gb_t, rr, valid, has, qs_s, qs_t, Z_S, Z_T, COEF, DA_S, DA_T,
+                  DLOG, r, GATED_MLP, NEED_GATE, R_PAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight gradients of the gate/up B and the down A, per d_ff block, over every token
+
+
+@triton.jit
+def _store_fr(OUT, e64, stride_e, stride_f, stride_r, acc, f64, fm, r, R_PAD: tl.constexpr):
+    """acc [BF, R_PAD] into rows f of OUT[e] (a [d_ff, r] B gradient, or [r, d_ff] with strides swapped)."""
+    j = tl.arange(0, R_PAD)
+    tl.store(OUT + e64 * stride_e + f64[:, None] * stride_f + j[None, :] * stride_r,
+             acc.to(OUT.dtype.element_ty), mask=fm[:, None] & (j < r)[None, :])
+
+
+@triton.jit(do_not_specialize=["single"])
+def _ffn_wgrad_kernel(
+    G, U, DH, A_S, A_T, COEF, QS, QT, POOLW, GHP, GZP, S,
+    BGS, BGT, BUS, BUT, s_be, s_bf, s_br,
+    ADS, ADT, s_ae, s_ar, s_af,
+    O_BGS, O_BUS, O_ADS, O_BGT, O_BUT, O_ADT, so_be, so_bf, so_br, so_ae, so_ar, so_af, TRAIN,
+    SEED, offsets_ptr, sorted_ptr, single, T, E, F, r, scale, thr, inv_keep,
+    ACT: tl.constexpr, ROUTE: tl.constexpr, TASK: tl.constexpr, MOE_GATE: tl.constexpr, GATED_MLP: tl.constexpr,
+    DROPOUT: tl.constexpr, POOL_H: tl.constexpr, POOL_Z: tl.constexpr, DO_SHARED: tl.constexpr,
+    DO_TASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """For the d_ff block of this program: dB_gate, dB_up (rows) and dA_down (columns) of the
+    shared expert (DO_SHARED) and of every task expert (DO_TASK: TRAIN[e] != 0 computes, others
+    get zeros), walking the tokens once in grouped order (expert 0..E-1, then no task)."""
+    f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fm = f < F
+    f64 = f.to(tl.int64)
+    j = tl.arange(0, R_PAD)
+    jm = j < r
+    NPRE: tl.constexpr = 2 if GATED_MLP else 1
+    dt = BUS.dtype.element_ty
+    bgs = _chunk_fr(BGS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+    bus = _chunk_fr(BUS, 0, 0, s_bf, s_br, f64, fm, jm, R_PAD)
+    ads = _chunk_fr(ADS, 0, 0, s_af, s_ar, f64, fm, jm, R_PAD)
+    acc_gs = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+    acc_us = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+    acc_ds = tl.zeros([BLOCK_F, R_PAD], tl.float32)  # dA_down^T
+    n_groups = E + 1
+    if ROUTE == ROUTE_SINGLE:
+        n_groups = 1
+    for grp in range(0, n_groups):
+        if ROUTE == ROUTE_SINGLE:
+            expert = single
+            lo = 0
+            hi = T
+        else:
+            expert = tl.where(grp < E, grp, -1)
+            lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + grp), 0), T)
+            hi = tl.where(grp < E, tl.load(offsets_ptr + tl.minimum(grp + 1, E)), T)
+            hi = tl.minimum(tl.maximum(hi, lo), T)
+        ex = tl.maximum(expert, 0).to(tl.int64)
+        train = expert < -1  # False
+        if DO_TASK:
+            train = (expert >= 0) & (tl.load(TRAIN + ex) != 0)
+        todo = train
+        if DO_SHARED:
+            todo = expert > -2  # True: the shared expert needs every token
+        # the routed expert's weights: needed to recompute its evaluation (and, ungated, the shared one's)
+        jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
+        bgt, but, adt = bgs * 0, bus * 0, ads * 0
+        if TASK:
+            bgt = _chunk_fr(BGT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            but = _chunk_fr(BUT, ex, s_be, s_bf, s_br, f64, fm, jm_t, R_PAD)
+            adt = _chunk_fr(ADT, ex, s_ae, s_af, s_ar, f64, fm, jm_t, R_PAD)
+        acc_gt = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+        acc_ut = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+        acc_dt = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+        if todo:
+            for p0 in range(lo, hi, BLOCK_T):
+                pos = p0 + tl.arange(0, BLOCK_T)
+                valid = pos < hi
+                if ROUTE == ROUTE_SINGLE:
+                    rows = pos
+                else:
+                    rows = tl.load(sorted_ptr + pos, mask=valid, other=0)
+                    valid = valid & (rows >= 0) & (rows < T)
+                    rows = tl.where(valid, rows, 0)
+                rr = rows.to(tl.int64)
+                a_gs = scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)
+                a_us = scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)
+                a_gt = scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)
+                a_ut = scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)
+                c_s = tl.load(COEF + rr * 2, mask=valid, other=0.0)
+                c_t = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
+                dz_s = c_s[:, None] * _rank_cols(QS, rr, valid, r, 0, r, R_PAD)
+                dz_t = c_t[:, None] * _rank_cols(QT, rr, valid, r, 0, r, R_PAD)
+                w = c_s * 0.0
+                if POOL_Z:
+                    w, gz = _pool_rows(POOLW, GZP, rr, valid, S, r, R_PAD)
+                    dz_s += w[:, None] * gz
+                if POOL_H:
+                    w = tl.load(POOLW + rr, mask=valid, other=0.0)
+                m2 = valid[:, None] & fm[None, :]
+                g, u, dh = _load_tiles(G, U, DH, rr, valid, f64, fm, F, GATED_MLP, True)
+                keep = m2
+                if DROPOUT:
+                    keep = _keep(_down_keys(SEED, rr), f, thr)
+                extra = dh * 0.0
+                if POOL_H:
+                    extra = w[:, None] * tl.load(GHP + (rr // S)[:, None] * F + f64[None, :], mask=m2, other=0.0)
+                h_s, h_t, dpg_s, dpu_s, dpg_t, dpu_t = _tile_backward(
+                    g, u, dh, a_gs.to(dt), a_us.to(dt), a_gt.to(dt), a_ut.to(dt), bgs, bus, bgt, but, ads, adt,
+                    dz_s, dz_t, c_s, c_t, keep, extra, inv_keep, ACT, GATED_MLP, MOE_GATE, TASK, DROPOUT, PREC)
+                if DROPOUT:
+                    h_s = tl.where(keep, h_s, 0.0)
+                    h_t = tl.where(keep, h_t, 0.0)
+                h_s = tl.where(m2, h_s, 0.0)
+                h_t = tl.where(m2, h_t, 0.0)
+                if DO_SHARED:
+                    if GATED_MLP:
+                        acc_gs = tl.dot(tl.trans(dpg_s.to(dt)), a_gs.to(dt), acc_gs, input_precision=PREC)
+                    acc_us = tl.dot(tl.trans(dpu_s.to(dt)), a_us.to(dt), acc_us, input_precision=PREC)
+                    acc_ds = tl.dot(tl.trans(h_s.to(dt)), dz_s.to(dt), acc_ds, input_precision=PREC)
+                if train:
+                    if GATED_MLP:
+                        acc_gt = tl.dot(tl.trans(dpg_t.to(dt)), a_gt.to(dt), acc_gt, input_precision=PREC)
+                    acc_ut = tl.dot(tl.trans(dpu_t.to(dt)), a_ut.to(dt), acc_ut, input_precision=PREC)
+                    acc_dt = tl.dot(tl.trans(h_t.to(dt)), dz_t.to(dt), acc_dt, input_precision=PREC)
+        if DO_TASK:  # every expert's block is written: its gradient, or zeros
+            if expert >= 0:
+                if DROPOUT:
+                    acc_dt *= inv_keep
+                if GATED_MLP:
+                    _store_fr(O_BGT, ex, so_be, so_bf, so_br, acc_gt, f64, fm, r, R_PAD)
+                _store_fr(O_BUT, ex, so_be, so_bf, so_br, acc_ut, f64, fm, r, R_PAD)
+                _store_fr(O_ADT, ex, so_ae, so_af, so_ar, acc_dt, f64, fm, r, R_PAD)
+    if DO_TASK:
+        if ROUTE == ROUTE_SINGLE:  # the experts no token has: zeros
+            zero = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+            for e in range(0, E):
+                if e != single:
+                    e64 = tl.full([1], e, tl.int64)
+                    if GATED_MLP:
+                        _store_fr(O_BGT, e64, so_be, so_bf, so_br, zero, f64, fm, r, R_PAD)
+                    _store_fr(O_BUT, e64, so_be, so_bf, so_br, zero, f64, fm, r, R_PAD)
+                    _store_fr(O_ADT, e64, so_ae, so_af, so_ar, zero, f64, fm, r, R_PAD)
+    if DO_SHARED:
+        if DROPOUT:
+            acc_ds *= inv_keep
+        if GATED_MLP:
+            _store_fr(O_BGS, 0, 0, so_bf, so_br, acc_gs, f64, fm, r, R_PAD)
+        _store_fr(O_BUS, 0, 0, so_bf, so_br, acc_us, f64, fm, r, R_PAD)
+        _store_fr(O_ADS, 0, 0, so_af, so_ar, acc_ds, f64, fm, r, R_PAD)
