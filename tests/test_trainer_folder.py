@@ -197,7 +197,7 @@ def test_realtext_benchmark_is_deterministic_disjoint_and_learnable_sized(tmp_pa
     labels = [set(t["labels"]) for t in tasks.values()]
     assert not (labels[0] & labels[1] or labels[0] & labels[2] or labels[1] & labels[2])
     total = sum(len(t[s]) for t in tasks.values() for s in ("train", "dev", "test"))
-    assert 4000 <= total <= 10000
+    assert 3000 <= total <= 10000
     for name, t in tasks.items():
         n_train, n_dev, n_test = realtext.SIZES[name]
         assert Counter(e["label"] for e in t["train"]) == {lab: n_train for lab in t["labels"]}

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 import moecl_kernels as mk
 
-from . import realtext
 from .batching import Encoded, Encoder, collate, collate_prompts
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import RunConfig
@@ -78,6 +77,8 @@ def load_tasks(cfg: RunConfig, info: Optional[DistInfo] = None) -> list[TaskData
         return load_mtl5(d.root, 1 if d.order is None else d.order, d.layout, **per_class)
     root = d.root
     if d.benchmark == "realtext":
+        from . import realtext  # imported here: `python -m moecl_kernels.trainer.realtext` runs it as __main__
+
         root = realtext_root(cfg)
         if info is None or info.is_main:
             realtext.ensure(root, seed=d.realtext_seed)

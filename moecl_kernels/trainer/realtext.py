@@ -95,7 +95,7 @@ PYREF_TOPICS: dict[str, tuple[str, ...]] = {  # class -> pydoc_data.topics keys
                             "debugger"),
 }
 SIZES: dict[str, tuple[int, int, int]] = {  # task -> (train, dev, test) examples per class
-    "stdlib_area": (200, 30, 80), "library": (200, 30, 80), "pyref_topic": (120, 20, 60),
+    "stdlib_area": (100, 20, 60), "library": (100, 20, 60), "pyref_topic": (80, 20, 40),
 }
 INSTRUCTIONS = {
     "stdlib_area": "Which area of the Python standard library does this sentence document?",
