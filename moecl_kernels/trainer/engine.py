@@ -35,7 +35,7 @@ import moecl_kernels as mk
 from .batching import Encoded, Encoder, collate, collate_prompts
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import RunConfig
-from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
+from .data import DataFormatError, TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .folder import load_folder
 from .methods import METHODS, MethodSpec, merge_expert
@@ -97,8 +97,8 @@ def prepare(cfg: RunConfig, info: Optional[DistInfo] = None) -> Prepared:
     if cfg.train.mode == "classification":
         for t in tasks:
             if t.is_instruction:
-                raise ValueError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
-                                 "train.mode=generative")
+                raise DataFormatError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
+                                      "train.mode=generative")
     tok = build_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer, words)
     enc = Encoder(tok, cfg.train.mode, is_encoder_name(cfg.model.name_or_path), d.max_length)
 
