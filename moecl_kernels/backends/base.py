@@ -64,7 +64,7 @@ class FwdArgs:
     single_task: int
     scale: float
     dropout_p: float
-    seed: int
+    seed: Optional[Tensor]       # 0-dim int64 on x's device (None: no dropout); kernels read it on the device
 
 
 @dataclass

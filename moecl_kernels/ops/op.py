@@ -25,10 +25,6 @@ from ..routing import Routing
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _seed_int(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 def _fwd_args(
     x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, token_task, sorted_idx,
     expert_offsets, offsets_cpu, single_task, scale, dropout_p, seed,
@@ -36,7 +32,7 @@ def _fwd_args(
     return FwdArgs(
         x=x, weight=weight, bias=bias, shared_A=shared_A, shared_B=shared_B, task_A=task_A, task_B=task_B,
         gate_weight=gate_weight, token_task=token_task, sorted_idx=sorted_idx, expert_offsets=expert_offsets,
-        offsets_cpu=offsets_cpu, single_task=single_task, scale=scale, dropout_p=dropout_p, seed=_seed_int(seed),
+        offsets_cpu=offsets_cpu, single_task=single_task, scale=scale, dropout_p=dropout_p, seed=seed,
     )
 
 
@@ -176,6 +172,10 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _describe(t) -> str:
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
 def validate(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], shared_A: Tensor, shared_B: Tensor, task_A: Tensor,
     task_B: Tensor, gate_weight: Optional[Tensor], routing: Routing, dropout_p: float,
@@ -235,8 +235,13 @@ def moe_lora_linear(
 ) -> Tensor:
     """y = x W^T + b + gated shared LoRA + gated routed task LoRA (SPEC §1), for x [T, d_in]."""
     validate(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError("seed is required when dropout_p > 0 (a 0-dim int64 CPU tensor)")
+    if dropout_p > 0.0:
+        _check(seed is not None, "seed is required when dropout_p > 0 (a 0-dim int64 tensor on x's device)")
+        _check(isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point()
+               and not seed.is_complex() and seed.dtype != torch.bool,
+               f"seed must be a 0-dim integer tensor (int64, on x's device), got {_describe(seed)}")
+        if seed.device != x.device:  # a host seed costs a copy per call; draw it on x's device instead
+            seed = seed.to(x.device)
     name = _bk.choose_backend(backend, x, shared_A.shape[0], task_A.shape[0])
     y, _, _, _ = moe_lora_fwd(
         x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight,

@@ -6,7 +6,7 @@ Memory is O(T * r * (d_in + d_out)) so it is for tests and small shapes only.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ def moe_lora_reference(
     token_task: Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Union[int, Tensor] = 0,
 ) -> Tensor:
     """y for x [T, d_in] (token_task [T], -1 = no task), computed token by token."""
     tt = token_task.to(device=x.device, dtype=torch.long)
