@@ -249,3 +249,25 @@ def test_seed_argument_errors_name_it():
         moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1, seed=torch.tensor(1.5))
     with pytest.raises(ValueError, match="seed must be a 0-dim integer tensor"):
         moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1, seed=7)
+
+
+def test_inference_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """Without autograd, a compiler or a dispatch mode watching, moe_lora_linear calls the backend
+    directly (the custom op's dispatch is most of a decode call's host cost); the result is the same."""
+    from moecl_kernels.ops import op as op_module
+
+    inp, R, _ = _small_op_args()
+    calls = []
+    real = op_module.moe_lora_fwd
+    monkeypatch.setattr(op_module, "moe_lora_fwd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y_direct = moe_lora_linear(**inp, routing=R, scale=1.3)
+    assert calls == []
+    y_op = moe_lora_linear(**inp, routing=R, scale=1.3)  # the LoRA weights require grad: through the op
+    assert calls == [1] and y_op.requires_grad
+    assert torch.equal(y_direct, y_op.detach())
+    with torch.no_grad(), FlopCounterMode(display=False):  # a dispatch mode sees the op, not its pieces
+        moe_lora_linear(**inp, routing=R, scale=1.3)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match=r"shared_B must be \[d_out=5, r=2\]"):  # the fast check defers to these
+        moe_lora_linear(**dict(inp, shared_B=inp["shared_B"].t()), routing=R, scale=1.3)
