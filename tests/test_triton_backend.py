@@ -201,6 +201,13 @@ def test_matrix(case, dtype):
     check(run(b, inp, deterministic=True), eager, ref, dtype, names=GRADS, what="deterministic: ")
 
 
+@needs_interpreter
+def test_gate_gradient_larger_than_the_rank_rows():
+    """r = 1 and 2 * d_in above one reduce block: the one reduce launch must cover the gate's 2 rows."""
+    inp = make_inputs(Case(T=5, d_in=600, d_out=20, r=1, E=2), torch.float32)
+    check(run(TritonBackend(), inp), run(EagerBackend(), inp), reference(inp), torch.float32)
+
+
 # grouped batches fuse the base GEMM only above the decode size (T > 64)
 FUSED = [Case(T=70), Case(routing="single", gate=False), Case(routing="none", T=17),
          Case(T=66, r=1, p=0.0, routing="skewed")]
@@ -312,10 +319,9 @@ def test_cross_backend_saved_tensors(case, dtype):
         check(got, eager, ref, dtype, names=GRADS, what=what)
 
 
-@needs_interpreter
-def test_strided_inputs():
-    """Non-contiguous activations and weights are read through their strides."""
-    inp = make_inputs(Case(T=21, routing="skewed"), torch.float32)
+def _check_strided(case: Case, dtype, device: str, expand: str):
+    """Non-contiguous activations and weights are read through their strides (no copy)."""
+    inp = make_inputs(case, dtype, device=device)
     ref, eager = reference(inp), run(EagerBackend(), inp)
 
     def column_major(t):
@@ -325,7 +331,13 @@ def test_strided_inputs():
     inp.x["task_A"] = inp.x["task_A"].transpose(1, 2).contiguous().transpose(1, 2)
     inp.gy = column_major(inp.gy)
     assert not inp.x["x"].is_contiguous() and not inp.x["task_A"].is_contiguous()
-    check(run(TritonBackend(), inp), eager, ref, torch.float32)
+    check(run(TritonBackend(expand=expand), inp), eager, ref, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("expand", ["addmm", "fused"])
+def test_strided_inputs(expand):
+    _check_strided(Case(T=21 if expand == "addmm" else 70, routing="skewed"), torch.float32, "cpu", expand)
 
 
 @needs_interpreter
@@ -790,6 +802,13 @@ def test_gpu_matrix(case, dtype, expand):
     for k in GRADS:
         if first[k] is not None:
             assert torch.equal(first[k], second[k]), f"{k} not bitwise reproducible with deterministic=True"
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("expand", ["addmm", "fused"])
+def test_gpu_strided_inputs(expand):
+    _check_strided(Case(T=300, d_in=200, d_out=168, r=16, E=5, routing="skewed"), torch.bfloat16, "cuda", expand)
 
 
 @gpu

@@ -444,7 +444,7 @@ class TritonBackend:
         out_t = _rank_view(task, transposed) if task is not None else ws_t
         out_g = gate_ if gate_ is not None else ws_g
         n_out = (shared is not None) + route.E * (task is not None) + (gate_ is not None)
-        rows = r if (shared is not None or task is not None) else 2
+        rows = max(r if (shared is not None or task is not None) else 0, 2 if gate_ is not None else 0)
         kernels._wgrad_reduce_kernel[(n_out, _cdiv(rows * N, _REDUCE_BLOCK))](
             ws_s, ws_t, ws_g, stride_ws, out_s, out_s.stride(-2), out_s.stride(-1),
             out_t, out_t.stride(0), out_t.stride(1), out_t.stride(2), out_g, out_g.stride(-2), out_g.stride(-1),
