@@ -100,6 +100,7 @@ class Inputs:
     gy64: torch.Tensor
     gy: torch.Tensor
     seed: int
+    seed_t: torch.Tensor  # the same seed as the op takes it: 0-dim int64 on the device (refilled in place by tests)
 
 
 def make_inputs(c: Case, dtype, device="cpu", seed: Optional[int] = None) -> Inputs:
@@ -114,14 +115,15 @@ def make_inputs(c: Case, dtype, device="cpu", seed: Optional[int] = None) -> Inp
     if c.routing == "single_grouped":  # exercises the grouped path with one expert
         ro.single_task, ro.offsets_cpu = SINGLE_MIXED, None
     gy = torch.randn(c.T, c.d_out, generator=g, dtype=torch.float64).to(dtype)
-    return Inputs(c, x64, x, tt, ro, gy.double(), gy.to(device), int(torch.randint(0, 2**32, (1,), generator=g)))
+    drop_seed = int(torch.randint(0, 2**32, (1,), generator=g))
+    return Inputs(c, x64, x, tt, ro, gy.double(), gy.to(device), drop_seed, torch.tensor(drop_seed, device=device))
 
 
 def fwd_args(inp: Inputs) -> FwdArgs:
     ro = inp.ro
     return FwdArgs(**inp.x, token_task=ro.token_task, sorted_idx=ro.sorted_idx, expert_offsets=ro.expert_offsets,
                    offsets_cpu=ro.offsets_cpu, single_task=ro.single_task, scale=inp.c.scale,
-                   dropout_p=inp.c.p, seed=torch.tensor(inp.seed, device=inp.x["x"].device))
+                   dropout_p=inp.c.p, seed=inp.seed_t)
 
 
 def bwd_args(inp: Inputs, saved, **kw) -> BwdArgs:
@@ -514,12 +516,12 @@ def test_dropout_follows_the_seed_tensor_on_replay(monkeypatch):
     the new seed's mask (forward and backward), not the captured one's."""
     c = Case(T=70, p=0.3)  # fused expand above the decode size: every stage is a Triton launch
     inp = make_inputs(c, torch.float32)
-    seed = torch.tensor(inp.seed, dtype=torch.int64)
+    seed = inp.seed_t
     b = TritonBackend(expand="fused")
     spy = KernelSpy(monkeypatch)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host read of a device value (.item())"))
-    saved = b.forward(dataclasses.replace(fwd_args(inp), seed=seed))
-    grads = b.backward(dataclasses.replace(bwd_args(inp, saved), seed=seed))
+    saved = b.forward(fwd_args(inp))
+    grads = b.backward(bwd_args(inp, saved))
     first = dict(zip(("y", "h_s", "h_t", "coef"), [t.clone() for t in saved])) | {
         k: g.clone() for k, g in zip(GRADS, grads)}
     eager = run(EagerBackend(), inp)
@@ -532,7 +534,7 @@ def test_dropout_follows_the_seed_tensor_on_replay(monkeypatch):
     seed.fill_(new_seed)
     spy.replay()
     now = dict(zip(("y", "h_s", "h_t", "coef"), saved)) | dict(zip(GRADS, grads))
-    inp2 = dataclasses.replace(inp, seed=new_seed)
+    inp2 = dataclasses.replace(inp, seed=new_seed)  # (its seed_t is the refilled tensor)
     check(now, run(EagerBackend(), inp2), reference(inp2), torch.float32, what="replay: ")
     assert not torch.equal(now["y"], first["y"]) and not torch.equal(now["dA_s"], first["dA_s"])
 
@@ -838,16 +840,16 @@ def test_gpu_graph_replay_with_a_new_seed(expand):
     the new seed's dropout mask (the kernels read the seed on the device)."""
     c = Case(T=96, d_in=128, d_out=96, r=16, E=4, p=0.2)
     inp = make_inputs(c, torch.bfloat16, device="cuda")
-    seed = torch.tensor(inp.seed, device="cuda")
     b = TritonBackend(expand=expand)
     run(b, inp)  # compiles every kernel before capture
+    fa = fwd_args(inp)  # (no tensor may be created from host data inside the capture)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        saved = b.forward(dataclasses.replace(fwd_args(inp), seed=seed))
-        grads = b.backward(dataclasses.replace(bwd_args(inp, saved), seed=seed))
+        saved = b.forward(fa)
+        grads = b.backward(BwdArgs(**fa.__dict__, grad_y=inp.gy, h_s=saved[1], h_t=saved[2], coef=saved[3]))
     new_seed = (inp.seed + 12345) % 2**31
-    seed.fill_(new_seed)
+    inp.seed_t.fill_(new_seed)
     graph.replay()
     torch.cuda.synchronize()
     inp2 = dataclasses.replace(inp, seed=new_seed)
@@ -881,6 +883,6 @@ def test_gpu_torch_compile():
     def f(x):
         return moe_lora_linear(x, *(inp.x[k] for k in ("weight", "bias", "shared_A", "shared_B", "task_A",
                                                           "task_B", "gate_weight")),
-                               inp.ro, scale=c.scale, dropout_p=c.p, seed=torch.tensor(inp.seed), backend="triton")
+                               inp.ro, scale=c.scale, dropout_p=c.p, seed=inp.seed_t, backend="triton")
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(inp.x["x"]), f(inp.x["x"]))
