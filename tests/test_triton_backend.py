@@ -685,12 +685,12 @@ def _corrupt(ro: Routing, kind: str, T: int, E: int) -> Routing:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kind", ["indices", "offsets", "both"])
 @pytest.mark.parametrize("expand", ["addmm", "fused"])
-def test_corrupt_routing_stays_in_bounds(monkeypatch, kind, expand):
+def test_corrupt_routing_stays_in_bounds(monkeypatch, expand, kind="both"):
     """A stale or corrupt routing (indices outside [0, T), offsets past T or decreasing) gives
     wrong numbers but no out-of-bounds access, forward and backward (poisoned guard regions
-    around every tensor every kernel touches)."""
+    around every tensor every kernel touches, and an interpreter memcheck). Fails without the
+    offsets clamp (an out-of-bounds read of sorted_idx) and without the index mask (writes)."""
     c = Case(T=70, E=3, r=5)
     inp = make_inputs(c, torch.float32)
     inp.ro = _corrupt(inp.ro, kind, c.T, c.E)
