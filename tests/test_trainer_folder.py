@@ -197,7 +197,7 @@ def test_realtext_benchmark_is_deterministic_disjoint_and_learnable_sized(tmp_pa
     labels = [set(t["labels"]) for t in tasks.values()]
     assert not (labels[0] & labels[1] or labels[0] & labels[2] or labels[1] & labels[2])
     total = sum(len(t[s]) for t in tasks.values() for s in ("train", "dev", "test"))
-    assert 4000 <= total <= 10000
+    assert 3000 <= total <= 10000
     for name, t in tasks.items():
         n_train, n_dev, n_test = realtext.SIZES[name]
         assert Counter(e["label"] for e in t["train"]) == {lab: n_train for lab in t["labels"]}
@@ -207,3 +207,17 @@ def test_realtext_benchmark_is_deterministic_disjoint_and_learnable_sized(tmp_pa
     assert {"python", "torch", "numpy", "transformers", "matplotlib"} <= set(m["sources"])
     realtext.write(a, tmp_path)
     assert [t.name for t in load_folder(tmp_path)] == list(realtext.TASK_ORDER)
+
+
+def test_cli_data_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from moecl_kernels.trainer import cli
+    from moecl_kernels.trainer.config import ConfigError
+
+    _task(tmp_path / "d", "a", ["p", "q"])
+    (tmp_path / "d" / "a" / "test.jsonl").write_bytes(b'{"text": "fine", "label": "p"}\n{"text": "\xff", "label": "q"}\n')
+    assert cli.main([f"output_dir={tmp_path}", "data.benchmark=folder", f"data.root={tmp_path / 'd'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moecl-train: data error: ") and "test.jsonl:2: not valid UTF-8" in err[0]
+    (tmp_path / "d" / "a" / "test.jsonl").unlink()
+    with pytest.raises(ConfigError, match="has no test.jsonl"):
+        load_config(None, ["data.benchmark=folder", f"data.root={tmp_path / 'd'}"])

@@ -64,7 +64,7 @@ class RoutedModule(nn.Module):
 
 # --------------------------------------------------------------------------- the routed modules of a module
 _generation = 0
-_covered: "WeakKeyDictionary[nn.Module, tuple[int, weakref.WeakSet]]" = WeakKeyDictionary()
+_covered: "WeakKeyDictionary[nn.Module, tuple[int, frozenset]]" = WeakKeyDictionary()
 
 
 def structure_changed() -> None:
@@ -73,11 +73,19 @@ def structure_changed() -> None:
     _generation += 1
 
 
-def routed_modules(owner: nn.Module) -> "weakref.WeakSet":
-    """The routed modules inside ``owner`` (itself included), cached until the structure changes."""
+def _routed_ids(owner: nn.Module) -> frozenset:
+    return frozenset(id(m) for m in owner.modules() if isinstance(m, RoutedModule))
+
+
+def routed_modules(owner: nn.Module) -> frozenset:
+    """ids of the routed modules inside ``owner`` (itself included), cached until the structure
+    changes (the owner keeps them alive, so the ids stay theirs). While torch.compile traces,
+    computed afresh: no weak containers in the traced code."""
+    if torch.compiler.is_compiling():
+        return _routed_ids(owner)
     hit = _covered.get(owner)
     if hit is None or hit[0] != _generation:
-        hit = (_generation, weakref.WeakSet(m for m in owner.modules() if isinstance(m, RoutedModule)))
+        hit = (_generation, _routed_ids(owner))
         _covered[owner] = hit
     return hit[1]
 
@@ -103,7 +111,7 @@ class RoutingContext:
         self.attached = False  # tied to an autograd graph by keep_alive
 
     def covers(self, module: nn.Module) -> bool:
-        return module in self.layers
+        return id(module) in self.layers
 
     def routing(self, x_lead: tuple, num_tasks: int, device: torch.device) -> Routing:
         """The routing for an input of leading shape ``x_lead`` (built once per shape and device)."""

@@ -62,8 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with logging_redirect_tqdm():  # log lines above the progress bars, not through them
             results = run(cfg, resume=args.resume)
-    except (DataFormatError, CheckpointError) as e:
-        print(f"moecl-train: {'data' if isinstance(e, DataFormatError) else 'checkpoint'} error: {e}", file=sys.stderr)
+    except (DataFormatError, FileNotFoundError, CheckpointError) as e:
+        kind = "checkpoint" if isinstance(e, CheckpointError) else "data"
+        print(f"moecl-train: {kind} error: {e}", file=sys.stderr)
         return 2
     if main_process:
         print(level_line(results))

@@ -32,11 +32,10 @@ from tqdm.auto import tqdm
 
 import moecl_kernels as mk
 
-from . import realtext
 from .batching import Encoded, Encoder, collate, collate_prompts
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import RunConfig
-from .data import TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
+from .data import DataFormatError, TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .folder import load_folder
 from .methods import METHODS, MethodSpec, merge_expert
@@ -78,6 +77,8 @@ def load_tasks(cfg: RunConfig, info: Optional[DistInfo] = None) -> list[TaskData
         return load_mtl5(d.root, 1 if d.order is None else d.order, d.layout, **per_class)
     root = d.root
     if d.benchmark == "realtext":
+        from . import realtext  # imported here: `python -m moecl_kernels.trainer.realtext` runs it as __main__
+
         root = realtext_root(cfg)
         if info is None or info.is_main:
             realtext.ensure(root, seed=d.realtext_seed)
@@ -96,8 +97,8 @@ def prepare(cfg: RunConfig, info: Optional[DistInfo] = None) -> Prepared:
     if cfg.train.mode == "classification":
         for t in tasks:
             if t.is_instruction:
-                raise ValueError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
-                                 "train.mode=generative")
+                raise DataFormatError(f"task {t.name!r} holds instruction data ({{input, output}}): it needs "
+                                      "train.mode=generative")
     tok = build_tokenizer(cfg.model.name_or_path, cfg.model.tokenizer, words)
     enc = Encoder(tok, cfg.train.mode, is_encoder_name(cfg.model.name_or_path), d.max_length)
 

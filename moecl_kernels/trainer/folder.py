@@ -56,6 +56,8 @@ def resolve_folder_order(root: Union[str, Path], order: Any = None) -> list[str]
         if n not in available:
             raise ValueError(f"data.order names task {n!r}, but {root} has no folder {n}/ with train.jsonl; "
                              f"task folders: {available}")
+        if not (root / n / "test.jsonl").is_file():
+            raise ValueError(f"task folder {root / n} has no test.jsonl")
     if len(set(names)) != len(names):
         raise ValueError(f"data.order lists a task twice: {names}")
     return names
@@ -142,7 +144,7 @@ def load_task(d: Path, text_key: str = "text", label_key: str = "label") -> Task
     """All examples of one task folder (no sampling; ``dev`` empty when there is no dev.jsonl)."""
     for split in ("train", "test"):
         if not (d / f"{split}.jsonl").is_file():
-            raise FileNotFoundError(f"{d / (split + '.jsonl')} does not exist (task folder {d.name!r})")
+            raise DataFormatError(f"{d / (split + '.jsonl')} does not exist (task folder {d.name!r})")
     meta = read_task_meta(d)
     rows = {s: _Rows(d / f"{s}.jsonl", text_key, label_key) for s in SPLITS if (d / f"{s}.jsonl").is_file()}
     if not rows["train"].rows:
@@ -174,7 +176,7 @@ def load_folder(root: Union[str, Path], order: Any = None, text_key: str = "text
         t.test = sample_per_class(t.test, test_per_class, rng)
         for split in SPLITS:
             if not getattr(t, split):
-                raise ValueError(f"task {name!r} ({root / name}) has no {split} examples"
+                raise DataFormatError(f"task {name!r} ({root / name}) has no {split} examples"
                                  + (" (after holding out the dev split)" if split == "train" else ""))
         tasks.append(t)
     return tasks

@@ -95,7 +95,7 @@ PYREF_TOPICS: dict[str, tuple[str, ...]] = {  # class -> pydoc_data.topics keys
                             "debugger"),
 }
 SIZES: dict[str, tuple[int, int, int]] = {  # task -> (train, dev, test) examples per class
-    "stdlib_area": (200, 30, 80), "library": (200, 30, 80), "pyref_topic": (120, 20, 60),
+    "stdlib_area": (100, 20, 60), "library": (100, 20, 60), "pyref_topic": (80, 20, 40),
 }
 INSTRUCTIONS = {
     "stdlib_area": "Which area of the Python standard library does this sentence document?",
@@ -104,10 +104,13 @@ INSTRUCTIONS = {
 }
 SKIP_DIRS = frozenset({"test", "tests", "testing", "idle_test", "__pycache__", "_vendor", "vendored", "site-packages"})
 _SECTIONS_DROPPED = frozenset({"examples", "example", "see also", "references", "reference", ".. rubric::", "usage"})
+_SECTION_NAMES = _SECTIONS_DROPPED | {"args", "arguments", "returns", "raises", "note", "parameters", "attributes"}
 _ROLE = re.compile(r":[a-zA-Z_:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`~a.b` -> a.b
 _CODE_CHARS = re.compile(r"[=\{\}\[\]<>\\|$@#~^*]|->|::|\.\.\.|https?:|www\.")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _PARAM_LINE = re.compile(r"^\*{0,2}[A-Za-z_][\w, *]*\s*:(\s+\S.*)?$")  # "x : int" / "x, y : array_like"
+_IDENTIFIER = re.compile(r"\w[._]\w|\w\(|^_")  # a.b, snake_case, call(, _private
+_PLAIN_WORD = re.compile(r"[\"'(]?[A-Za-z][a-z'-]*[.,;:)\"']*")  # a word, maybe capitalised or punctuated
 _GOOGLE_ARG = re.compile(r"^\*{0,2}[A-Za-z_]\w*\s*(\([^)]*\))?:\s+")  # "x (int): The input." -> "The input."
 
 
@@ -123,42 +126,43 @@ def _strip_markup(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def docstring_paragraphs(doc: str) -> Iterator[str]:
+def _underline(line: str) -> bool:
+    return len(line) >= 3 and set(line) <= set("-=~^")
+
+
+def docstring_paragraphs(doc: str) -> list[str]:
     """Natural-language paragraphs of a docstring: code, doctests, section headers,
     parameter/type lines, directives and "Examples"/"See Also" sections removed."""
     lines = inspect.cleandoc(doc).splitlines()
+    paras: list[str] = []
     para: list[str] = []
-    skipping = False
+
+    def flush() -> None:
+        if para:
+            paras.append(" ".join(para))
+            para.clear()
+
+    skipping = False  # inside a dropped section
     i = 0
     while i < len(lines):
         line = lines[i].rstrip()
         stripped = line.strip()
-        nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        header = (nxt and set(nxt) <= set("-=~^") and len(nxt) >= 3) or (
-            stripped.endswith(":") and stripped[:-1].strip().lower() in _SECTIONS_DROPPED | {"args", "arguments",
-                                                                                         "returns", "raises", "note",
-                                                                                         "parameters", "attributes"})
-        if header:
-            if para:
-                yield " ".join(para)
-            para = []
+        underlined = i + 1 < len(lines) and _underline(lines[i + 1].strip())  # numpydoc "Parameters\n-----"
+        if underlined or (stripped.endswith(":") and stripped[:-1].strip().lower() in _SECTION_NAMES):  # "Args:"
+            flush()
             skipping = stripped.rstrip(":").strip().lower() in _SECTIONS_DROPPED
-            i += 2 if (nxt and set(nxt) <= set("-=~^")) else 1
+            i += 2 if underlined else 1
             continue
-        if not stripped or stripped.startswith((">>>", "...", ".. ", "|", "+-", "$ ")) or line.startswith("    " * 2):
-            if para:
-                yield " ".join(para)
-            para = []
+        if not stripped or stripped.startswith((">>>", "...", ".. ", "|", "+-", "$ ")) or line.startswith(" " * 8):
+            flush()  # a blank line, a doctest, a directive, a table or an indented code block
         elif not skipping:
             if _PARAM_LINE.match(stripped) and len(stripped.split()) <= 6:
-                if para:
-                    yield " ".join(para)
-                para = []
+                flush()  # "x : int": the description below it is kept
             else:
                 para.append(_GOOGLE_ARG.sub("", stripped))
         i += 1
-    if para:
-        yield " ".join(para)
+    flush()
+    return paras
 
 
 def text_paragraphs(text: str) -> Iterator[str]:
@@ -189,14 +193,15 @@ def sentences(paragraph: str) -> Iterator[str]:
     for s in _SENTENCE_END.split(_strip_markup(paragraph)):
         s = s.strip()
         words = s.split()
-        if not 5 <= len(words) <= 60 or not s[0].isupper() or not s.endswith((".", ".\"", ".'", ".)")) or s.endswith(("e.g.", "i.e.")):
-            continue
+        if not 5 <= len(words) <= 60 or not s[0].isupper() or not s.endswith((".", ".\"", ".'", ".)")) \
+                or s.endswith(("e.g.", "i.e.")):
+            continue  # a fragment, a title or a run-on
         if _CODE_CHARS.search(s) or s.count("(") != s.count(")") or s.count('"') % 2:
-            continue
-        identifiers = sum(1 for w in words if re.search(r"\w[._]\w|\w\(|^_", w.strip(".,;:()\"'")))
-        if identifiers > 2 or sum(1 for w in words if re.fullmatch(r"[\"'(]?[A-Za-z][a-z'-]*[.,;:)\"']*", w)) < 0.75 * len(words):
-            continue
-        yield s
+            continue  # code punctuation, or cut in the middle of a quote
+        identifiers = sum(1 for w in words if _IDENTIFIER.search(w.strip(".,;:()\"'")))
+        plain = sum(1 for w in words if _PLAIN_WORD.fullmatch(w))
+        if identifiers <= 2 and plain >= 0.75 * len(words):
+            yield s
 
 
 def dedup_key(sentence: str) -> str:
