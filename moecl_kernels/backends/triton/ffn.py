@@ -19,12 +19,12 @@ Backward:
 
 The linear stages are the ``TritonBackend`` methods ``_shrink``, ``_expand`` and ``_wgrad``; every
 call to them is in :class:`_LinearStages` (one place to adapt when their signatures change).
-Launches run under the tensors' device (``_device_guard``); the dropout seed stays a device tensor.
+Launches run under the tensors' device (``launch.device_guard``); the dropout seed stays a device
+tensor the kernels read (``launch.kernel_seed``), as in the linear op.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -38,16 +38,12 @@ from torch import Tensor
 from ...contract import acc_dtype
 from ...contract.dropout import threshold24
 from ...contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs
+from .. import launch
 from . import ffn_kernels as FK
 from . import kernels as K
 from .backend import _NO_DROPOUT, _Dropout, _prec, _Route
 
 SPLIT_ENV = "MOECL_TRITON_FFN_SPLIT"  # force the d_ff split of the fused passes (tests, experiments)
-
-
-def _device_guard(device: torch.device):
-    """Launch on the tensors' device (the current one need not be it)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ class _Ffn:
         self.thr = threshold24(a.dropout_p) if self.dropout else 0
         self.inv_keep = 1.0 / (1.0 - a.dropout_p)
         # the kernels read the seed from device memory (a 1-element int64 tensor on x's device)
-        self.seed = torch.as_tensor(a.seed, dtype=torch.int64, device=x.device).reshape(1) if self.dropout else x
+        self.seed = launch.kernel_seed(a) if self.dropout else x
         self.split = split
         pre = ("gate_proj", "up_proj") if self.gated_mlp else ("up_proj",)
         # the gate and up LoRAs of an expert as one rank-(npre r) LoRA of x
@@ -162,12 +158,14 @@ class _LinearStages:
         if not fused:
             out.addmm_(X, W.t() if transposed else W)
 
-    def wgrad(self, c: _Ffn, drop, Z: Tensor, rank_in: tuple, coef, dlog, do_shared: bool, train: list, *,
+    def wgrad(self, c: _Ffn, drop, Z: Tensor, rank_in: tuple, coef, dlog, train: list, *,
               shared_like: Tensor, task_like: Tensor, gate_like, transposed: bool):
-        return self.b._wgrad(c.route, drop, Z, rank_in, coef, dlog, do_shared, train, c.a.scale,
+        """(shared, stacked task, gate) gradients; frozen experts and those without tokens get zeros
+        (the linear reductions have a fixed order: deterministic always)."""
+        a = c.a
+        return self.b._wgrad(c.route, drop, Z, rank_in, coef, dlog, a.needs_shared, a.needs_task, train, a.scale,
                              shared_like=shared_like, task_like=task_like, gate_like=gate_like,
-                             transposed=transposed, deterministic=c.a.deterministic if hasattr(c.a, "deterministic")
-                             else False)
+                             transposed=transposed)
 
 
 class TritonFFN:
@@ -182,7 +180,7 @@ class TritonFFN:
         T, r, F_ = c.T, c.r, c.F
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         stages = _LinearStages(self)
-        with _device_guard(x.device):
+        with launch.device_guard(x.device):
             g = F.linear(x, a.gate_proj_weight, a.gate_proj_bias) if c.gated_mlp else x.new_empty((0,))
             u = F.linear(x, a.up_proj_weight, a.up_proj_bias)
             a_s, a_t = x.new_empty((T, c.npre * r), **acc), x.new_empty((T, c.npre * r), **acc)
@@ -235,7 +233,7 @@ class TritonFFN:
         poolw = a.pool.reshape(-1).contiguous() if pool else coef
         ghp = a.grad_h_pool.contiguous() if pool_h else coef
         gzp = a.grad_z_pool.contiguous() if pool_z else coef
-        with _device_guard(x.device):
+        with launch.device_guard(x.device):
             dh = torch.mm(gy, a.down_proj_weight)  # the base dgrad of the down projection
             qs_s, qs_t = x.new_empty((T, r), **acc), x.new_empty((T, r), **acc)
             dg = x.new_empty((T, F_)) if c.gated_mlp else dh
@@ -268,9 +266,9 @@ class TritonFFN:
                 grads["x"] = dx
             self._ffn_wgrads(c, grads, dh, qs_s, qs_t, poolw, ghp, gzp, S, pool_h, pool_z, train)
             need_gate = c.moe_gate and a.needs_gate
-            if a.needs_shared or train or need_gate:  # dA of the gate and up LoRAs (rank npre r) and dW_g
+            if a.needs_shared or a.needs_task or need_gate:  # dA of the gate and up LoRAs (rank npre r), dW_g
                 dA_s, dA_t, dgate = stages.wgrad(c, drop, x, (da_s, da_t), None, dlog if need_gate else None,
-                                                 a.needs_shared, train, shared_like=c.A_s, task_like=c.A_t,
+                                                 train, shared_like=c.A_s, task_like=c.A_t,
                                                  gate_like=a.moe_gate, transposed=False)
                 grads["moe_gate"] = dgate
                 for i, p in enumerate(("gate_proj", "up_proj") if c.gated_mlp else ("up_proj",)):
@@ -279,10 +277,10 @@ class TritonFFN:
                         grads[f"{p}_shared_A"] = dA_s[rows].clone()
                     if dA_t is not None:
                         grads[f"{p}_task_A"] = dA_t[:, rows].clone()
-            if a.needs_shared or train:
+            if a.needs_shared or a.needs_task:
                 Bd, Bdt = a.down_proj_shared_B, a.down_proj_task_B
                 grads["down_proj_shared_B"], grads["down_proj_task_B"], _ = stages.wgrad(
-                    c, _NO_DROPOUT, gy, (z_s, z_t), coef, None, a.needs_shared, train, shared_like=Bd,
+                    c, _NO_DROPOUT, gy, (z_s, z_t), coef, None, train, shared_like=Bd,
                     task_like=Bdt, gate_like=None, transposed=True)
             if a.needs_task:  # no trainable expert has tokens here: zero gradients
                 for n in grads:
@@ -312,13 +310,12 @@ class TritonFFN:
         o_at = dt_ if dt_ is not None else c.A_dt
         o_gs = outs["gate_proj_shared_B"] if outs["gate_proj_shared_B"] is not None else o_bs
         o_gt = outs["gate_proj_task_B"] if outs["gate_proj_task_B"] is not None else o_bt
-        slot = torch.zeros(max(c.E, 1), dtype=torch.int32)
-        slot[train] = 1
+        slot = self._train_index(train if do_task else [], c.E, x.device)  # cached on the device: -1 = frozen
         tile = ffn_tile(x.device, "wgrad", c.r_pad)
         FK._ffn_wgrad_kernel[(triton.cdiv(c.F, tile.block_f),)](
             a.g if c.gated_mlp else a.u, a.u, dh, a.a_s.contiguous(), a.a_t.contiguous(), a.coef.contiguous(),
             qs_s, qs_t, poolw, ghp, gzp, S, *c.weights(),
-            o_gs, o_bs, o_ad, o_gt, o_bt, o_at, *o_bt.stride(), *o_at.stride(), slot.to(x.device),
+            o_gs, o_bs, o_ad, o_gt, o_bt, o_at, *o_bt.stride(), *o_at.stride(), slot,
             c.seed, c.route.offsets, c.route.sorted_idx, c.route.single, c.T, c.E, c.F, c.r, a.scale, c.thr,
             c.inv_keep, POOL_H=pool_h, POOL_Z=pool_z, DO_SHARED=a.needs_shared, DO_TASK=do_task,
             **{k: v for k, v in c.common(tile).items()})
