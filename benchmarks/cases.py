@@ -194,3 +194,48 @@ def batch_tasks(routing: str, T: int, E: int, g: torch.Generator) -> tuple[list[
         seq[i] = -1
     per_token = torch.repeat_interleave(torch.tensor(seq), torch.tensor(lengths))
     return seq, per_token
+
+
+# --------------------------------------------------------------------------------------------
+# the FFN level (docs/spec.md §1.3; ``bench_ffn.py``)
+
+
+@dataclass(frozen=True)
+class FfnCase:
+    """One FFN-level case: a gated (Llama-style, SiLU) MLP d -> d_ff -> d wrapped at the FFN level."""
+
+    mode: str       # "fwd" or "fwd+bwd" (dx and every LoRA/gate gradient; the base weights frozen)
+    d: int
+    d_ff: int
+    r: int
+    E: int
+    T: int
+    routing: str    # as for Case
+    dtype: str = "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"ffn {self.mode} {self.d}x{self.d_ff} r{self.r} E{self.E} T{self.T} {self.routing} {self.dtype}"
+
+
+_FFN = dict(d=4096, d_ff=11008, r=8, E=8)  # issue 12's shape (Llama-7B's MLP)
+# issue 12's target: fwd+bwd <= 1.15x the base MLP (3 GEMMs + activation, fwd + dgrad) on H100/H200
+FFN_TARGETS = (
+    SpecTarget("ffn_fwd_bwd", "FFN level fwd + bwd, T = 8192, one task", "≤ 1.15 × base MLP",
+               FfnCase("fwd+bwd", T=8192, routing="one", **_FFN), 1.15),
+)
+
+
+def ffn_spec_cases() -> list[FfnCase]:
+    """The GPU FFN rows (bf16): forward and fwd+bwd at T = 8192, one task and 8 tasks mixed, and a
+    mixed decode batch (T = 16)."""
+    cases = [t.case for t in FFN_TARGETS]
+    cases += [FfnCase(m, T=8192, routing=rt, **_FFN) for m in MODES for rt in ("one", "mixed")]
+    cases.append(FfnCase("fwd", T=16, routing="mixed", **_FFN))
+    return list(dict.fromkeys(cases))
+
+
+def ffn_quick_cases() -> list[FfnCase]:
+    """Tiny fp32 CPU shapes: every mode with one-task, mixed and partly task-less batches."""
+    return [FfnCase(m, 40, 72, 4, 3, T, rt, "fp32") for m in MODES for T, rt in ((1, "one"), (24, "mixed"),
+                                                                                 (32, "partial"))]

@@ -8,7 +8,8 @@
 #       graph-replayed, both Triton expand modes and cuda) -> sanitize (small memcheck/racecheck
 #       pass, corrupt routing included) -> e2e (one training step per backend) -> report (bench.md
 #       re-rendered with the e2e row)
-#   call 2 (optional, ~8 min): MOECL_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh build sweep
+#   call 2 (optional, ~8 min): MOECL_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh build ffn sweep
+#       ffn: the FFN level's bf16 GPU tests and bench_ffn (issue 12's rows); the sweep gets the rest
 #
 # Each stage has a host-side time budget (seconds, below) and a timeout of the smaller of its
 # budget and what is left of BUDGET_S; every stage runs even when an earlier one failed. Each
@@ -22,7 +23,8 @@
 # TORCH_CUDA_ARCH_LIST (default: this GPU's architecture only, to halve the build).
 #
 # Files (at most 8, directly under $OUT): run.log build.log tests.log sanitize.log bench.json
-# bench.md e2e.json e2e.md -- the sweep call: run.log build.log bench.json bench.md bench.png.
+# bench.md e2e.json e2e.md -- the second call: run.log build.log ffn_tests.log ffn.json ffn.md bench.json
+# bench.md bench.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,11 +35,11 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 
 # stage -> host-side budget in seconds (call 1 adds up to 520 of the 540)
-declare -A BUDGET=([build]=130 [tests]=90 [spec]=130 [sanitize]=70 [e2e]=100 [report]=10 [sweep]=420)
+declare -A BUDGET=([build]=130 [tests]=90 [spec]=130 [sanitize]=70 [e2e]=100 [report]=10 [ffn]=120 [sweep]=420)
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests spec sanitize e2e report)
 for s in "${stages[@]}"; do
-  [ -n "${BUDGET[$s]+x}" ] || { echo "unknown stage '$s' (build tests spec sanitize e2e report sweep)"; exit 2; }
+  [ -n "${BUDGET[$s]+x}" ] || { echo "unknown stage '$s' (build tests spec sanitize e2e report ffn sweep)"; exit 2; }
 done
 declare -A status used
 left() { echo $(( BUDGET_S - SECONDS )); }
@@ -126,6 +128,15 @@ stage_report() {  # bench.md again, now with the end-to-end row (nothing is re-m
   local e2e_args=()
   [ -f "$OUT/e2e.json" ] && e2e_args=(--e2e-json "$OUT/e2e.json")
   timeout "$LIMIT" "$PY" -m benchmarks.bench_op --rerender --out "$OUT" ${e2e_args[@]+"${e2e_args[@]}"}
+}
+
+stage_ffn() {  # the FFN level (issue 12): its bf16 GPU tests, then bench_ffn's rows (ffn.json after every case)
+  timeout "$(( LIMIT / 2 ))" "$PY" -m pytest -m gpu -q -rA --no-header -p no:cacheprovider \
+    tests/test_ffn_triton.py tests/test_benchmarks.py -k "bfloat16 or ffn_harness" >"$OUT/ffn_tests.log" 2>&1
+  local rc=$?
+  tail -n 3 "$OUT/ffn_tests.log"
+  timeout "$(( LIMIT / 2 ))" "$PY" -m benchmarks.bench_ffn --out "$OUT" || rc=$?
+  return $rc
 }
 
 stage_sweep() {  # the optional second call: the curated sweep, stopping at its budget

@@ -224,3 +224,43 @@ def test_host_cost_measurement_runs_on_the_cpu(tmp_path):
     assert res["config"]["launches_per_call"] == 2  # shrink + expand (no split-K on a CPU); the base GEMM is cuBLAS's
     assert all(v["median_us"] > 0 for v in res["pieces"].values())
     assert "CPU measurement, launches stubbed" in (tmp_path / "host.md").read_text()
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_ffn_rows_check_time_and_ratio(mode, tmp_path):
+    """The FFN-level rows (issue 12) at a tiny shape: base MLP, two-FFN and the op's eager backend
+    pass the float64 check and are timed in one run with both ratios; a wrong provider fails."""
+    from benchmarks import bench_ffn
+    from benchmarks.cases import FFN_TARGETS, FfnCase, ffn_spec_cases
+    from benchmarks.ffn_providers import ffn_providers
+
+    spec = ffn_spec_cases()
+    assert FFN_TARGETS[0].case in spec and all((c.d, c.d_ff, c.r, c.dtype) == (4096, 11008, 8, "bf16") for c in spec)
+    assert {c.mode for c in spec} == set(cases.MODES)
+    timer = Timer(CPU, target_ms=1, min_reps=2, max_reps=3, warmup=1)
+    c = FfnCase(mode, 24, 40, 3, 3, 20, "partial", "fp32")
+    recs = {r["provider"]: r for r in bench_ffn.run_case(c, ffn_providers(), CPU, timer)}
+    for name in ("base-mlp", "two-ffn", "eager"):
+        r = recs[name]
+        assert r["status"] == "ok" and r["max_err"] <= r["tol"], r
+        assert r["ratio_to_base"] > 0 and r["ratio_to_two_ffn"] > 0
+    assert recs["triton"]["status"] == "skipped"  # GPU only
+    assert recs["eager"]["saved_extra_bytes" if mode == "fwd+bwd" else "semantics"]
+    wrong = {r["provider"]: r for r in bench_ffn.run_case(c, ffn_providers(["base-mlp", "eager"]), CPU, timer, "eager")}
+    assert wrong["eager"]["status"] == "FAIL" and "times_ms" not in wrong["eager"]
+    assert "not GPU numbers" in bench_ffn.report_md({"torch": "t", "triton": "t", "git_commit": "c", "date_utc": "d",
+                                                     "device_type": "cpu"}, "quick", list(recs.values()))
+
+
+@pytest.mark.gpu
+def test_ffn_harness_on_a_gpu():
+    """The FFN rows' providers (triton included) pass their checks on a small bf16 case on this GPU."""
+    from benchmarks import bench_ffn
+    from benchmarks.cases import FfnCase
+    from benchmarks.ffn_providers import ffn_providers
+
+    dev = torch.device("cuda")
+    timer = Timer(dev, target_ms=5, min_reps=3, max_reps=5)
+    for mode in cases.MODES:
+        recs = bench_ffn.run_case(FfnCase(mode, 256, 704, 8, 4, 200, "ragged"), ffn_providers(), dev, timer)
+        assert not [r for r in recs if r["status"] != "ok"], recs
