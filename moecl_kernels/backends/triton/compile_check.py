@@ -4,7 +4,8 @@
 
 The backend's forward and backward run on small CPU tensors with the kernels replaced
 by recorders (nothing executes; the values are garbage and unused). Each distinct
-launch -- kernel, argument types, ``constexpr`` values, warps, stages -- is then
+launch -- kernel, argument types, ``constexpr`` values, warps, stages; the FFN-level op's
+kernels (``ffn_kernels.py``) with the GPU tiles of ``ffn.ffn_tile`` included -- is then
 compiled to a cubin with Triton's ahead-of-time compiler for each target architecture,
 using the launch configurations of that architecture's tile table, and its shared
 memory is checked against the architecture's limit. This catches what the interpreter
@@ -27,15 +28,20 @@ from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
 from ...contract import SINGLE_MIXED, BwdArgs, FwdArgs
+from ...contract.ffn_args import FFN_SAVED, FfnBwdArgs, FfnFwdArgs
 from . import configs
+from . import ffn as FFN
+from . import ffn_kernels as FK
 from . import kernels as K
 from .backend import TritonBackend
+from .ffn import TritonFFN
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.int8: "*i8"}
 KERNEL_NAMES = ("_shrink_kernel", "_shrink_finalize_kernel", "_expand_kernel", "_wgrad_kernel",
                 "_wgrad_reduce_kernel")
+FFN_KERNEL_NAMES = ("_ffn_fwd_kernel", "_ffn_bwd_kernel", "_ffn_bwd_finalize_kernel", "_ffn_wgrad_kernel")
 
 
 class _Recorder:
@@ -105,10 +111,64 @@ def record(arch: int) -> dict:
             for det, train in ((False, None), (True, [True, False, True, True])):
                 b.backward(BwdArgs(**a.__dict__, grad_y=torch.zeros_like(y), h_s=h_s, h_t=h_t, coef=coef,
                                    expert_trainable=train, deterministic=det))
+        record_ffn(seen, tiles_of=lambda tb, rb: {k: table[(k, tb, rb)] for k in configs.KERNELS})
     finally:
         for n, fn in real.items():
             setattr(K, n, fn)
     return seen
+
+
+class _FfnBackend(TritonFFN, TritonBackend):
+    pass
+
+
+def _ffn_args(T: int, d: int, d_ff: int, r: int, E: int, dtype, routing: str, gated: bool, gate: bool, p: float,
+              pool: bool) -> FfnFwdArgs:
+    lin = _args(T, d, d_ff, r, E, dtype, routing, gate, p)
+    z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    t = {f"gate_proj_{part}": None for part in ("weight", "bias", "shared_A", "shared_B", "task_A", "task_B")}
+    for proj, (i, o) in (("gate_proj", (d, d_ff)), ("up_proj", (d, d_ff)), ("down_proj", (d_ff, d))):
+        if proj == "gate_proj" and not gated:
+            continue
+        t.update({f"{proj}_weight": z(o, i), f"{proj}_bias": z(o), f"{proj}_shared_A": z(r, i),
+                  f"{proj}_shared_B": z(o, r), f"{proj}_task_A": z(E, r, i), f"{proj}_task_B": z(E, o, r)})
+    return FfnFwdArgs(x=lin.x, **t, moe_gate=lin.gate_weight, token_task=lin.token_task, sorted_idx=lin.sorted_idx,
+                      expert_offsets=lin.expert_offsets, offsets_cpu=None, single_task=lin.single_task,
+                      pool=torch.full((2, T // 2), 2.0 / T) if pool else None, activation="silu", scale=2.0,
+                      dropout_p=p, seed=lin.seed)
+
+
+def record_ffn(seen: dict, tiles_of) -> None:
+    """The FFN op's launches (its own kernels with the GPU tiles of ``ffn.ffn_tile``, and the linear
+    stages it reuses with the linear tiles), recorded by the recorders in place."""
+    real = {n: getattr(FK, n) for n in FFN_KERNEL_NAMES}
+    tile_fn = FFN.ffn_tile
+    for n, fn in real.items():
+        setattr(FK, n, _Recorder(fn, seen))
+    FFN.ffn_tile = lambda device, kernel, r_pad: tile_fn(torch.device("cuda"), kernel, r_pad)
+    try:
+        cases = [  # (T bucket, dtype, routing, gated MLP, gate, dropout, r, T, d_ff split, pool)
+            ("large", torch.bfloat16, "mixed", True, True, 0.1, 8, 40, 1, True),
+            ("large", torch.float16, "single", True, False, 0.0, 16, 40, 1, False),
+            ("small", torch.float32, "none", False, True, 0.05, 5, 40, 1, False),
+            ("decode", torch.bfloat16, "mixed", True, True, 0.0, 8, 9, 4, False),
+            ("large", torch.bfloat16, "mixed", True, True, 0.1, 64, 40, 1, False),
+        ]
+        for tb, dtype, routing, gated, gate, p, r, T, split, pool in cases:
+            b = _FfnBackend(tiles=tiles_of(tb, "lo" if r <= 32 else "hi"))
+            b.ffn_split = split
+            a = _ffn_args(T, 320, 704, r, 4, dtype, routing, gated, gate, p, pool)
+            out = b.ffn_forward(a)
+            for train in (None, [True, False, True, True]):
+                acc = torch.float32
+                b.ffn_backward(FfnBwdArgs(**a.__dict__, grad_y=torch.zeros_like(a.x),
+                                          grad_h_pool=torch.zeros(2, 704, dtype=acc) if pool else None,
+                                          grad_z_pool=torch.zeros(2, r, dtype=acc) if pool else None,
+                                          **dict(zip(FFN_SAVED, out[1:8])), expert_trainable=train))
+    finally:
+        for n, fn in real.items():
+            setattr(FK, n, fn)
+        FFN.ffn_tile = tile_fn
 
 
 def main(argv=None) -> int:
