@@ -39,6 +39,7 @@ from ...contract import acc_dtype
 from ...contract.dropout import threshold24
 from ...contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs
 from .. import launch
+from . import configs
 from . import ffn_kernels as FK
 from . import kernels as K
 from .backend import _NO_DROPOUT, _Dropout, _prec, _Route
@@ -110,7 +111,7 @@ class _Ffn:
         if not s:
             s = 1
             if device.type == "cuda":
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                sms = configs.sm_count(device)  # cached per device
                 s = max(1, min(sms // max(self.route.blocks(tile.block_t), 1), triton.cdiv(self.F, 4 * tile.block_f)))
         per = triton.cdiv(triton.cdiv(self.F, s), tile.block_f) * tile.block_f
         return triton.cdiv(self.F, per), per
