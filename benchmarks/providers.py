@@ -7,7 +7,8 @@ A provider computes one of three semantics, and is checked against the float64 o
 * ``lora``: plain LoRA of the routed task, no shared expert, no gate (what PEFT computes)
 * ``moe``:  the full op of SPEC §1 (shared + routed task expert, gated)
 
-Providers: base (``F.linear``), eager / triton / cuda (the op's backends), reference (the
+Providers: base (``F.linear``), eager / triton / cuda (the op's backends), triton:<variant>
+(the triton backend with one kernel variant: addmm, fused, gemm, gemm-ptr, gemm-tma), reference (the
 per-token oracle formula in the working dtype: what a naive implementation costs), peft
 (PEFT LoRA, single adapter: one-task batches), peft-mixed (PEFT's mixed-adapter batch,
 ``adapter_names=``: inference only, mixed batches) and grouped_mm (the op built from
@@ -139,6 +140,35 @@ class OpBackend(Provider):
                                    p.routing, scale=p.scale, backend=self.name)
 
         return Bound(forward, _moe_targets(s))
+
+
+TRITON_VARIANTS = ("addmm", "fused", "gemm", "gemm-ptr", "gemm-tma")
+
+
+class TritonVariant(OpBackend):
+    """The op on the triton backend with one kernel variant (``TritonBackend(variant=...)``),
+    registered as backend ``triton:<variant>`` for the benchmark only (priority -1: ``auto``
+    never picks it), so every variant is timed in the same run as ``addmm`` and the base."""
+
+    def __init__(self, variant: str):
+        super().__init__(f"triton:{variant}")
+        self.variant = variant
+
+    def skip_reason(self, p):
+        if p.device.type != "cuda":
+            return super().skip_reason(p)
+        if self.variant == "gemm-tma" and torch.cuda.get_device_capability(p.device)[0] < 9:
+            return "TMA needs sm_90+"
+        if self.name not in mk_backends.registered_backends():
+            mk_backends.register_backend(self.name, self._make)
+        return super().skip_reason(p)
+
+    def _make(self):
+        from moecl_kernels.backends.triton import TritonBackend
+
+        b = TritonBackend(variant=self.variant)
+        b.priority = -1
+        return b
 
 
 class Reference(Provider):
@@ -300,5 +330,5 @@ class GroupedMM(Provider):
 
 
 def all_providers() -> list[Provider]:
-    return [BaseLinear(), OpBackend("eager"), OpBackend("triton"), OpBackend("cuda"), Reference(), PeftSingle(),
-            PeftMixed(), GroupedMM()]
+    return [BaseLinear(), OpBackend("eager"), OpBackend("triton"), *map(TritonVariant, TRITON_VARIANTS),
+            OpBackend("cuda"), Reference(), PeftSingle(), PeftMixed(), GroupedMM()]
