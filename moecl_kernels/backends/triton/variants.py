@@ -42,10 +42,12 @@ from .backend import _pow2, _prec, _Route, _sm_count
 from .configs import Tile
 
 VARIANTS = ("gemm", "gemm-ptr", "gemm-tma")
-KERNELS = ("g_shrink", "g_gemm", "g_tma", "g_wgrad", "g_decode")
+KERNELS = ("g_shrink", "g_dbshrink", "g_gemm", "g_tma", "g_wgrad", "g_decode")
 
 T_ = Tile
+# g_dbshrink: the gy shrink that also sums dB -- tall token blocks, fewer dB partial sums to add
 _SM90 = dict(g_shrink=T_(block_t=64, block_k=128, num_warps=4, num_stages=3),
+             g_dbshrink=T_(block_t=128, block_k=64, num_warps=8, num_stages=3),
              g_gemm=T_(block_t=128, block_n=128, block_k=64, group=8, num_warps=8, num_stages=3),
              g_tma=T_(block_t=128, block_n=256, block_k=64, group=8, num_warps=8, num_stages=3),
              g_wgrad=T_(chunk=512, block_t=64, block_n=128, num_warps=8, num_stages=3),
@@ -54,7 +56,8 @@ _SM80 = dict(_SM90, g_shrink=T_(block_t=64, block_k=64, num_warps=4, num_stages=
              g_gemm=T_(block_t=128, block_n=128, block_k=64, group=8, num_warps=8, num_stages=3),
              g_decode=T_(block_n=128, block_k=64, num_warps=4, num_stages=4))
 # r > 32: smaller tiles so the rank-r operands and the accumulators stay in registers
-_HI = dict(g_shrink=dict(block_t=32, block_k=32, num_warps=8), g_gemm=dict(block_n=64),
+_HI = dict(g_shrink=dict(block_t=32, block_k=32, num_warps=8), g_dbshrink=dict(block_t=32, block_k=32),
+           g_gemm=dict(block_n=64),
            g_tma=dict(block_n=128), g_wgrad=dict(block_t=32, block_n=64), g_decode=dict(block_n=64))
 _INTERP = {k: T_(block_t=16, block_n=16, block_k=16, split_k=2, chunk=32, group=2) for k in KERNELS}
 del T_
@@ -92,8 +95,9 @@ def _fit(kernel: str, t: Tile, *, ieee: bool, aligned: bool, dropout: bool = Fal
     """A table tile narrowed where the table's would spill registers: fp32 (exact products
     without tensor cores), operands whose rows are not 16-byte aligned (element-wise loads), and
     the dgrad's dropout mask (a hash per output element) on 256-wide tiles."""
-    if kernel == "g_shrink":
-        return t if aligned and not ieee else dataclasses.replace(t, block_k=min(t.block_k, 64))
+    if kernel in ("g_shrink", "g_dbshrink"):
+        return t if aligned and not ieee else dataclasses.replace(t, block_t=min(t.block_t, 64),
+                                                                  block_k=min(t.block_k, 64))
     if ieee or not aligned:
         return dataclasses.replace(t, block_t=min(t.block_t, 64), block_n=min(t.block_n, 64),
                                    block_k=min(t.block_k, 32), num_warps=4)
@@ -215,8 +219,8 @@ class GemmVariant:
             h_s, h_t, coef = a.h_s.contiguous(), a.h_t.contiguous(), a.coef.contiguous()
             dh_s, dh_t = x.new_empty((T, r), **acc), x.new_empty((T, r), **acc)
             dlog = x.new_empty((T, 2), **acc) if need_dlog else None
-            shrink_t = self._shrink_block(x, r, T)
-            ws = _GradSpace(self, c, x, a, train, need_gate, shrink_t)
+            db = a.needs_shared or bool(train)  # the gy shrink sums dB
+            ws = _GradSpace(self, c, x, a, train, need_gate, self._shrink_tile(gy, c, db).block_t)
             B_s, tB = a.shared_B, a.task_B
             if T > 0:
                 self._shrink(c, gy, K.MODE_BWD.value, (B_s, B_s.stride(0), B_s.stride(1)),
@@ -239,19 +243,23 @@ class GemmVariant:
     # -----------------------------------------------------------------------------------------
     # stages
 
-    def _shrink_block(self, X: Tensor, r: int, T: int) -> int:
-        """Token block of the shrinks: the table's, halved (down to 16) until the grid has a
-        program per SM -- a memory-bound pass needs every SM streaming."""
-        bt, sms = self._tile("g_shrink", X, r).block_t, sms_of(X)
-        while sms is not None and bt > 16 and triton.cdiv(T, bt) < sms:
+    def _shrink_tile(self, X: Tensor, c: "_Call", db: bool) -> Tile:
+        """Tile of a shrink over X: the table's (narrowed by ``_fit``), its token block halved
+        (down to 16) until the grid has a program per SM -- a memory-bound pass needs every SM
+        streaming -- except for the dB-summing shrink, whose blocks stay tall: each block adds a
+        d_out x r partial sum per expert."""
+        t, sms = self._tile("g_dbshrink" if db else "g_shrink", X, c.r, ieee=c.prec == "ieee",
+                            aligned=_aligned(X)), sms_of(X)
+        bt = t.block_t
+        while not db and sms is not None and bt > 16 and triton.cdiv(X.shape[0], bt) < sms:
             bt //= 2
-        return bt
+        return dataclasses.replace(t, block_t=bt)
 
     def _shrink(self, c: _Call, X: Tensor, mode: int, ms, mt, gw, outs, scale: float, *, gate: bool,
                 db: Optional["_GradSpace"] = None):
         T, Kd = X.shape
-        tile = self._tile("g_shrink", X, c.r, ieee=c.prec == "ieee", aligned=_aligned(X, *ms[:1], *mt[:1]))
-        bt = self._shrink_block(X, c.r, T)
+        tile = self._shrink_tile(X, c, db is not None and (db.do_shared or db.do_task))
+        bt = tile.block_t
         g = gw if gw is not None else (X, 0, 0)
         db_args = db.shrink_args() if db is not None else (outs[0], outs[0], 0, 0, c.route.offsets)
         db_flags = db.shrink_flags() if db is not None else (False, False, K.STORE_ATOMIC.value)
