@@ -64,8 +64,8 @@ def _decode_gemv_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < k_hi
-            w = tl.load(W + n64[:, None] * stride_wn + kk[None, :] * stride_wk, mask=nm[:, None] & km[None, :],
-                        other=0.0)
+            w = tl.load(W + n64[:, None] * stride_wn + kk[None, :].to(tl.int64) * stride_wk,
+                        mask=nm[:, None] & km[None, :], other=0.0)
             xt = tl.load(X + rr[None, :] * stride_xt + kk[:, None] * stride_xk, mask=km[:, None] & valid[None, :],
                          other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=PREC)

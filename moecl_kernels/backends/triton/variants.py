@@ -41,6 +41,11 @@ from . import lora_passes as L
 from .backend import _pow2, _prec, _Route, _sm_count
 from .configs import Tile
 
+try:  # host-side TMA descriptors: Triton >= 3.3 (the GPU image has 3.6; checked on 3.6 and 3.9)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: gemm-tma runs as gemm-ptr
+    TensorDescriptor = None
+
 VARIANTS = ("gemm", "gemm-ptr", "gemm-tma")
 KERNELS = ("g_shrink", "g_dbshrink", "g_gemm", "g_tma", "g_wgrad", "g_decode")
 
@@ -278,7 +283,7 @@ class GemmVariant:
         if self.mode == "gemm-ptr":
             return False
         arch = arch_of(A)
-        ok = _tma_ok(out, A, W) and (_major(arch) >= 9 or arch == "interpreter")
+        ok = TensorDescriptor is not None and _tma_ok(out, A, W) and (_major(arch) >= 9 or arch == "interpreter")
         if self.mode == "gemm-tma":
             if not ok:
                 warn_once(f"gemm-tma-{arch}-{A.dtype}", f"moecl_kernels: variant 'gemm-tma' needs sm_90+ and "
@@ -306,8 +311,6 @@ class GemmVariant:
                     num_warps=tile.num_warps, num_stages=tile.num_stages)
         n_tiles = triton.cdiv(T, BM) * triton.cdiv(N, BN)
         if tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
             progs = min(n_tiles, sms_of(A) or INTERP_PROGS)
             b_desc = TensorDescriptor.from_tensor(W, [BN, BK] if fwd else [BK, BN])
             G._gemm_tma_kernel[(progs,)](
