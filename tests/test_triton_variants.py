@@ -329,20 +329,31 @@ def test_gpu_variants(case, dtype, name):
             assert torch.equal(first[k], second[k]), f"{k} not bitwise reproducible with deterministic=True"
 
 
+def _gpu_step(T: int):
+    """bf16 inputs on the GPU, the ``gemm`` variant, fwd args with the seed as a device tensor,
+    and ``step(deterministic)``: forward + backward, everything compiled by a first call."""
+    inp = make_inputs(Case(T=T, d_in=256, d_out=128, r=16, E=4, routing="mixed"), torch.bfloat16, device="cuda")
+    b = TritonBackend(variant="gemm")
+    a = dataclasses.replace(fwd_args(inp), seed=torch.tensor(inp.seed, dtype=torch.int64, device="cuda"))
+
+    def step(det: bool = False):
+        saved = b.forward(a)
+        return saved, b.backward(dataclasses.replace(bwd_args(inp, saved), seed=a.seed, deterministic=det))
+
+    step(False), step(True)
+    torch.cuda.synchronize()
+    return inp, a.seed, step
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("T", [16, 256])
 def test_gpu_graph_replay_reads_the_new_seed(T):
     """Captured once, replayed after the layer writes a new seed: the replay uses the new mask."""
-    inp = make_inputs(Case(T=T, d_in=256, d_out=128, r=16, E=4, routing="mixed"), torch.bfloat16, device="cuda")
-    b = TritonBackend(variant="gemm")
-    seed = torch.tensor(inp.seed, dtype=torch.int64, device="cuda")
-    a = dataclasses.replace(fwd_args(inp), seed=seed)
-    b.backward(bwd_args(inp, b.forward(a)))  # compiles every kernel before capture
+    inp, seed, step = _gpu_step(T)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        saved = b.forward(a)
-        grads = b.backward(dataclasses.replace(bwd_args(inp, saved), seed=seed))
+        saved, grads = step()
     seed.fill_(inp.seed + 1)
     g.replay()
     torch.cuda.synchronize()
@@ -355,15 +366,9 @@ def test_gpu_graph_replay_reads_the_new_seed(T):
 @needs_gpu
 @pytest.mark.parametrize("T", [16, 300])
 def test_gpu_variant_no_host_sync(T):
-    inp = make_inputs(Case(T=T, d_in=256, d_out=128, r=16, E=4, routing="mixed"), torch.bfloat16, device="cuda")
-    b = TritonBackend(variant="gemm")
-    a = dataclasses.replace(fwd_args(inp), seed=torch.tensor(inp.seed, device="cuda"))
-    for det in (False, True):
-        b.backward(dataclasses.replace(bwd_args(inp, b.forward(a)), seed=a.seed, deterministic=det))
-    torch.cuda.synchronize()
+    _, _, step = _gpu_step(T)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for det in (False, True):
-            b.backward(dataclasses.replace(bwd_args(inp, b.forward(a)), seed=a.seed, deterministic=det))
+        step(False), step(True)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -433,8 +433,8 @@ class _GradSpace:
         if not outs:
             return dA_s, dB_s, dA, dB, dgate
         dummy = outs[0]
-        ns = (self.n_a if dA_s is not None else 0, self.n_b if dB_s is not None else 0,
-              self.n_g if dgate is not None else 0, self.n_a if dA is not None else 0, self.n_b if dB is not None else 0)
+        ns = tuple(n if t is not None else 0 for n, t in ((self.n_a, dA_s), (self.n_b, dB_s), (self.n_g, dgate),
+                                                           (self.n_a, dA), (self.n_b, dB)))
         BLOCK = 1024 if self.ws.is_cuda else 256
         units = 3 + (2 * c.route.E if dA is not None else 0)
         L._grad_finalize_kernel[(triton.cdiv(max(ns), BLOCK), units)](
