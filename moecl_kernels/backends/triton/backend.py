@@ -56,6 +56,9 @@ from .configs import Tile, TileTable
 
 EXPAND_ENV = "MOECL_TRITON_EXPAND"
 EXPAND_MODES = ("addmm", "fused")
+VARIANT_ENV = "MOECL_TRITON_VARIANT"
+GEMM_VARIANTS = ("gemm", "gemm-ptr", "gemm-tma")  # variants.py: the LoRA terms inside the base GEMM
+VARIANTS = EXPAND_MODES + GEMM_VARIANTS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton picks the interpreter when a kernel is *defined*; record how ours were built.
 INTERPRETED = isinstance(kernels._shrink_kernel, InterpretedFunction)
@@ -188,17 +191,31 @@ def _rank_view(t: Tensor, transposed: bool) -> Tensor:
 class TritonBackend:
     """Triton implementation of the fused MoE-LoRA op (``backend="triton"``).
 
-    ``expand``: ``"addmm"`` or ``"fused"`` (default: ``$MOECL_TRITON_EXPAND`` or addmm).
-    ``tiles``: per-kernel Tile overrides (see ``configs``), for experiments and tests."""
+    ``variant``: one of ``VARIANTS`` -- ``addmm`` (default) and ``fused`` are the expand modes
+    below, ``gemm`` / ``gemm-ptr`` / ``gemm-tma`` the fused-GEMM variants of ``variants.py``
+    (default: ``$MOECL_TRITON_VARIANT``). ``expand``: ``"addmm"`` or ``"fused"`` (default:
+    ``$MOECL_TRITON_EXPAND`` or addmm), used when no variant is given.
+    ``tiles``: per-kernel Tile overrides (see ``configs``, ``variants.KERNELS``), for experiments and tests."""
 
     name = "triton"
     priority = 20
 
-    def __init__(self, expand: Optional[str] = None, tiles: Optional[dict[str, Tile]] = None):
-        mode = (expand or os.environ.get(EXPAND_ENV, "") or "addmm").strip().lower()
+    def __init__(self, expand: Optional[str] = None, tiles: Optional[dict[str, Tile]] = None,
+                 variant: Optional[str] = None):
+        v = (variant or ("" if expand else os.environ.get(VARIANT_ENV, "")) or "").strip().lower()
+        if v and v not in VARIANTS:
+            raise ValueError(f"variant={v!r} (or ${VARIANT_ENV}) must be one of {VARIANTS}")
+        mode = (v if v in EXPAND_MODES else expand or os.environ.get(EXPAND_ENV, "") or "addmm").strip().lower()
         if mode not in EXPAND_MODES:
             raise ValueError(f"expand={mode!r} (or ${EXPAND_ENV}) must be one of {EXPAND_MODES}")
         self.expand = mode
+        self.variant = v if v in GEMM_VARIANTS else mode
+        tiles = dict(tiles or {})
+        self._gemm = None
+        if self.variant in GEMM_VARIANTS:
+            from .variants import KERNELS as GEMM_KERNELS, GemmVariant
+
+            self._gemm = GemmVariant(self.variant, {k: tiles.pop(k) for k in GEMM_KERNELS if k in tiles})
         self.tiles = TileTable(tiles)
         self._train_idx: dict = {}
         self._plans: dict = {}  # launch geometry and constexprs per (stage, device, shape, flags)
@@ -224,6 +241,8 @@ class TritonBackend:
     # forward / backward
 
     def forward(self, a: FwdArgs):
+        if self._gemm is not None:
+            return self._gemm.forward(a)
         x = a.x
         T, r, d_out = x.shape[0], a.shared_A.shape[0], a.weight.shape[0]
         dev, acc = x.device, acc_dtype(x.dtype)
@@ -249,6 +268,8 @@ class TritonBackend:
         return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
+        if self._gemm is not None:
+            return self._gemm.backward(a)
         x, gy, W = a.x, a.grad_y, a.weight
         T, r, E = x.shape[0], a.shared_A.shape[0], a.task_A.shape[0]
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
