@@ -430,8 +430,8 @@ class TritonBackend:
         dev = Z.device
         do_task, do_gate = bool(train) and out_task, dlog is not None
         slot_of = self._train_index(train if do_task else [], route.E, dev)
-        outs = [torch.empty(like.shape, dtype=like.dtype, device=dev) if on else None
-                for on, like in ((out_shared, shared_like), (out_task, task_like), (do_gate, gate_like))]
+        grads = [torch.empty(like.shape, dtype=like.dtype, device=dev) if on else None
+                 for on, like in ((out_shared, shared_like), (out_task, task_like), (do_gate, gate_like))]
         key = (Z.dtype, route.mode, _pow2(max(T, 1), 1), N, R_PAD, out_shared, do_task, do_gate, drop.enabled)
 
         def run(tile: Tile):
@@ -451,16 +451,16 @@ class TritonBackend:
                     CHUNK=tile.chunk, BLOCK_T=tile.block_t, BLOCK_N=tile.block_n, R_PAD=R_PAD, G_PAD=route.g_pad,
                     PREC=_prec(Z.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
                 )
-            self._reduce(ws_s, ws_t, ws_g, ws.stride(0), outs, transposed, route, tile, n_slots, slot_of, r, N)
+            self._reduce(ws_s, ws_t, ws_g, ws.stride(0), grads, transposed, route, tile, n_slots, slot_of, r, N)
 
         run(self.tiles.pick("wgrad", dev, T, r, key, run))
-        return tuple(outs)
+        return tuple(grads)
 
     @staticmethod
-    def _reduce(ws_s: Tensor, ws_t: Tensor, ws_g: Tensor, stride_ws: int, outs: list, transposed: bool,
+    def _reduce(ws_s: Tensor, ws_t: Tensor, ws_g: Tensor, stride_ws: int, grads: list, transposed: bool,
                 route: _Route, tile: Tile, n_slots: int, slot_of: Tensor, r: int, N: int) -> None:
         """One launch: every wanted gradient of a wgrad from its fp32 slots, in its dtype."""
-        shared, task, gate_ = outs
+        shared, task, gate_ = grads
         out_s = _rank_view(shared, transposed) if shared is not None else ws_s  # (placeholders: never written)
         out_t = _rank_view(task, transposed) if task is not None else ws_t
         out_g = gate_ if gate_ is not None else ws_g
