@@ -69,7 +69,7 @@ class Spec:
     """A backend as the suite runs it: how to build it, its dtypes (``low``: fp16 / bf16 rows,
     added to ``dtypes``), whether it is a kernel backend (GPU, or the Triton interpreter on a
     CPU), and the cases where it takes a path of its own (a variant that shares a path with
-    another row is not run twice under the slow interpreter; on a GPU every row runs every case)."""
+    another row is not run twice)."""
 
     name: str
     make: Callable[[], object]
@@ -151,7 +151,7 @@ def _marks(kernel: bool) -> tuple:
 def _runs():
     for spec in SPECS:
         for case in MATRIX:
-            if ON_GPU or spec.where(case):
+            if spec.where(case):
                 for dtype in spec.dtypes:
                     yield pytest.param(spec, case, dtype, id=f"{spec}-{case}-{str(dtype)[6:]}", marks=_marks(spec.kernel))
 
