@@ -11,8 +11,8 @@ one-task batch (MoE-CL trains one task at a time). The MoE-CL discriminator is l
 its cost (a mean-pooled [B, d] input to a [d, E] linear per layer) does not depend on the
 backend. Variants, one row each:
 
-* every fused backend available here: ``triton-addmm`` and ``triton-fused`` (the Triton
-  backend's two expand modes) and ``cuda``, each set on the model with ``mk.set_backend``;
+* every fused backend available here: ``triton-addmm``, ``triton-fused`` (the Triton
+  backend's two expand modes), ``triton-gemm`` (its natural-order GEMM variant) and ``cuda``, each set on the model with ``mk.set_backend``;
   the fastest is the ``fused`` figure of the docs/spec.md §4 row (``auto_backend`` records what
   ``auto`` resolves to; on a CPU, with none of them available, ``fused`` is auto's choice);
 * eager: the same model with ``mk.set_backend(model, "eager")``;
@@ -38,9 +38,10 @@ import torch
 import moecl_kernels as mk
 
 from .common import REPO_ROOT, Timer, environment, fmt, md_table, sync, write_json
-from .providers import TRITON_EXPAND_PROVIDERS, register_triton_expand_backends
+from .providers import register_triton_variant_backends
 
-FUSED_BACKENDS = (*TRITON_EXPAND_PROVIDERS, "cuda")
+# the Triton expand modes and the natural-order gemm variant (arch-chosen), and the CUDA kernels
+FUSED_BACKENDS = ("triton-addmm", "triton-fused", "triton-gemm", "cuda")
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 TASKS, TRAIN_TASK = 4, 1
@@ -139,7 +140,7 @@ def fused_backends(probe: torch.Tensor) -> list[str]:
     under ``TRITON_INTERPRET=1``: a test of the kernels, not something to time)."""
     if probe.device.type != "cuda":
         return []
-    register_triton_expand_backends()
+    register_triton_variant_backends()
     out = []
     for name in FUSED_BACKENDS:
         try:

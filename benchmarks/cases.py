@@ -73,8 +73,8 @@ SPEC_TARGETS = (
     SpecTarget("e2e", "end-to-end MoE-CL train step, Llama-style 1B, all FFN linears",
                "≥ 1.5 × eager tokens/s; ≥ 0.9 × PEFT single-LoRA", None),
 )
-# the library's fused backends as benchmark providers (both Triton expand modes, the CUDA kernels)
-FUSED = ("triton-addmm", "triton-fused", "cuda")
+# the library's fused backends as benchmark providers (every Triton kernel variant, the CUDA kernels)
+FUSED = ("triton-addmm", "triton-fused", "triton-gemm", "triton-gemm-ptr", "triton-gemm-tma", "cuda")
 
 
 def saved_bound_bytes(T: int, r: int) -> int:

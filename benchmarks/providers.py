@@ -7,12 +7,13 @@ A provider computes one of three semantics, and is checked against the float64 o
 * ``lora``: plain LoRA of the routed task, no shared expert, no gate (what PEFT computes)
 * ``moe``:  the full op of docs/spec.md §1 (shared + routed task expert, gated)
 
-Providers: base (``F.linear``), eager / triton-addmm / triton-fused / cuda (the op's backends;
-the two Triton providers are the backend's two expand modes, ``triton-addmm`` the default that
-``backend="triton"`` runs), reference (the per-token oracle formula in the working dtype: what a
-naive implementation costs), peft (PEFT LoRA, single adapter: one-task batches), peft-mixed
-(PEFT's mixed-adapter batch, ``adapter_names=``: inference only, mixed batches of equal-length
-sequences) and grouped_mm (the op built from ``torch._grouped_mm``, where the device supports it).
+Providers: base (``F.linear``), eager / triton-<variant> / cuda (the op's backends; one Triton
+provider per kernel variant of the backend: ``triton-addmm`` (the default that ``backend="triton"``
+runs), ``triton-fused``, ``triton-gemm``, ``triton-gemm-ptr``, ``triton-gemm-tma``), reference (the
+per-token oracle formula in the working dtype: what a naive implementation costs), peft (PEFT LoRA,
+single adapter: one-task batches), peft-mixed (PEFT's mixed-adapter batch, ``adapter_names=``:
+inference only, mixed batches of equal-length sequences) and grouped_mm (the op built from
+``torch._grouped_mm``, where the device supports it).
 """
 
 from __future__ import annotations
@@ -116,20 +117,21 @@ class BaseLinear(Provider):
         return Bound(lambda: F.linear(s.x, s.weight), {"x": s.x})
 
 
-TRITON_EXPAND_PROVIDERS = {"triton-addmm": "addmm", "triton-fused": "fused"}
+TRITON_PROVIDERS = {f"triton-{v}": v for v in ("addmm", "fused", "gemm", "gemm-ptr", "gemm-tma")}
 
 
-def register_triton_expand_backends() -> None:
-    """Register the Triton backend once per expand mode, as ``triton-addmm`` / ``triton-fused``,
-    for this process (benchmarks only; priority -1: ``auto`` never picks them)."""
-    for name, expand in TRITON_EXPAND_PROVIDERS.items():
+def register_triton_variant_backends() -> None:
+    """Register the Triton backend once per kernel variant, as ``triton-<variant>``, for this
+    process (benchmarks only; priority -1: ``auto`` never picks them), so every variant is timed
+    in the same run as the default and the base."""
+    for name, variant in TRITON_PROVIDERS.items():
         if name in mk_backends.registered_backends():
             continue
 
-        def factory(name=name, expand=expand):
+        def factory(name=name, variant=variant):
             from moecl_kernels.backends.triton import TritonBackend
 
-            b = TritonBackend(expand=expand)
+            b = TritonBackend(variant=variant)
             b.name, b.priority = name, -1
             return b
 
@@ -137,19 +139,21 @@ def register_triton_expand_backends() -> None:
 
 
 class OpBackend(Provider):
-    """``moe_lora_linear(..., backend=name)``: the library's eager, triton (either expand mode)
-    or cuda backend."""
+    """``moe_lora_linear(..., backend=name)``: the library's eager, triton (one provider per
+    kernel variant) or cuda backend."""
 
     semantics = "moe"
 
     def __init__(self, backend: str):
         self.name = backend
-        if backend in TRITON_EXPAND_PROVIDERS:
-            register_triton_expand_backends()
+        if backend in TRITON_PROVIDERS:
+            register_triton_variant_backends()
 
     def skip_reason(self, p):
         if self.name != "eager" and p.device.type != "cuda":
             return "GPU backend: timed on a GPU only"
+        if self.name == "triton-gemm-tma" and torch.cuda.get_device_capability(p.device)[0] < 9:
+            return "TMA needs sm_90+"
         try:
             mk_backends.resolve_backend(self.name, p.sets[0].x)
         except (mk_backends.BackendUnavailableError, ValueError) as e:
@@ -327,5 +331,5 @@ class GroupedMM(Provider):
 
 
 def all_providers() -> list[Provider]:
-    return [BaseLinear(), OpBackend("eager"), OpBackend("triton-addmm"), OpBackend("triton-fused"),
+    return [BaseLinear(), OpBackend("eager"), *map(OpBackend, TRITON_PROVIDERS),
             OpBackend("cuda"), Reference(), PeftSingle(), PeftMixed(), GroupedMM()]

@@ -84,12 +84,13 @@ EOF
   return $rc
 }
 
-stage_tests() {  # the bf16 GPU smoke subset: kernel paths, graphs (seed replay), no host sync, compile
+stage_tests() {  # the bf16 GPU smoke subset: conformance rows, kernel paths, graphs (seed replay), no host sync, compile
   local par=()
   "$PY" -c "import xdist" 2>/dev/null && par=(-n 8)  # 8 processes: Triton compiles the variants in parallel
   timeout "$LIMIT" "$PY" -m pytest -m gpu -q -rA --no-header -p no:cacheprovider ${par[@]+"${par[@]}"} \
-    tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_benchmarks.py \
-    -k "(bfloat16 and not eager_matrix and not forced_splits) or graph or sync or torch_compile or strided or harness" \
+    tests/test_conformance.py tests/test_triton_backend.py tests/test_triton_variants.py tests/test_cuda_backend.py \
+    tests/test_benchmarks.py \
+    -k "(bfloat16 and not forced_splits) or graph or sync or torch_compile or strided or harness" \
     >"$OUT/tests.log" 2>&1
   local rc=$?
   tail -n 3 "$OUT/tests.log"
@@ -100,7 +101,7 @@ stage_spec() {  # bench_op rewrites bench.json after every case
   local e2e_args=()
   [ -f "$OUT/e2e.json" ] && e2e_args=(--e2e-json "$OUT/e2e.json")
   timeout "$LIMIT" "$PY" -m benchmarks.bench_op --spec --no-plot --out "$OUT" \
-    --providers eager,triton-addmm,triton-fused,cuda,peft,peft-mixed,grouped_mm ${e2e_args[@]+"${e2e_args[@]}"}
+    --providers eager,triton-addmm,triton-fused,triton-gemm-ptr,triton-gemm-tma,cuda,peft,peft-mixed,grouped_mm ${e2e_args[@]+"${e2e_args[@]}"}
 }
 
 stage_sanitize() {  # memcheck of both backends (corrupt routing included), racecheck of the CUDA kernels

@@ -1,6 +1,6 @@
 """The FFN-level op on the ``triton`` backend against the float64 reference (docs/spec.md §1.3).
 
-CPU: the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest
+CPU: the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py
 before triton is imported). Standards as for the linear kernels (tests/test_triton_backend.py):
 fresh random inputs, outputs poisoned before the kernels write them, odd sizes, r = 1, T = 1,
 single / mixed / skewed / no-task routing, dropout, gate on and off, plain and gated MLPs, every
@@ -11,17 +11,11 @@ interpreter has no bf16 matmul): the ``gpu`` test.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from dataclasses import dataclass
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
-import dataclasses  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -1,14 +1,11 @@
 """Tests of the ``triton`` backend against the float64 reference.
 
-CPU: every kernel runs under the Triton interpreter. Triton decides *when a kernel is
-defined* whether it is interpreted, so this module sets ``TRITON_INTERPRET=1`` at its
-top, before triton or the backend is imported -- on machines without CUDA only, so the
-GPU section below runs compiled kernels. If another module of the same pytest process
-imported the Triton backend first, the CPU tests skip with a message saying so: run
-this module on its own (``python -m pytest tests/test_triton_backend.py``) or export
-``TRITON_INTERPRET=1``.
+CPU: every kernel runs under the Triton interpreter; tests/conftest.py sets
+``TRITON_INTERPRET=1`` (machines without CUDA only) before any module imports triton, which
+decides when a kernel is defined whether it is interpreted. The matrix of every case against
+the reference is tests/test_conformance.py; this file holds the Triton-specific paths.
 
-Standards (SPEC + team rules): fresh random inputs per test, outputs poisoned (every
+Standards (docs/spec.md + team rules): fresh random inputs per test, outputs poisoned (every
 ``torch.empty`` NaN-filled) before kernels write them, odd sizes, r = 1, T = 1, single /
 mixed / skewed / no-task routing, dropout, gate on and off. A result in dtype ``dt`` may
 be at most 2x as far from the float64 reference as the eager backend's result in ``dt``
@@ -21,17 +18,12 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see module docstring)
-
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -39,16 +31,15 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from helpers import op_inputs, rel_err, token_tasks  # noqa: E402
+from backend_harness import GRADS, Case, bwd_args, check, fwd_args, make_inputs, reference, run  # noqa: E402
 
 from moecl_kernels import backends as bk  # noqa: E402
-from moecl_kernels.contract import SINGLE_MIXED, BwdArgs, FwdArgs  # noqa: E402
+from moecl_kernels.contract import SINGLE_MIXED, BwdArgs  # noqa: E402
 from moecl_kernels.backends.eager import EagerBackend  # noqa: E402
 from moecl_kernels.contract import dropout as D  # noqa: E402
 from moecl_kernels.ops.custom_ops import moe_lora_fwd
 from moecl_kernels.ops.linear import moe_lora_linear  # noqa: E402
-from moecl_kernels.contract import moe_lora_reference  # noqa: E402
-from moecl_kernels.routing import Routing, build_routing  # noqa: E402
+from moecl_kernels.routing import Routing  # noqa: E402
 
 tb = pytest.importorskip("moecl_kernels.backends.triton.backend")
 from moecl_kernels.backends.triton import Tile, TileTable, TritonBackend, configs, kernels  # noqa: E402
@@ -62,146 +53,8 @@ needs_interpreter = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (compiled Triton kernels)")
 
-EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")
-
-
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
-
-
-# ---------------------------------------------------------------------------------------------
-# cases
-
-
-@dataclass(frozen=True)
-class Case:
-    T: int = 37
-    d_in: int = 29
-    d_out: int = 23
-    r: int = 5
-    E: int = 3
-    routing: str = "partial"  # helpers.ROUTINGS, or single_grouped: one task but no host hint
-    gate: bool = True
-    bias: bool = True
-    p: float = 0.1
-    scale: float = 2.0
-
-    def __str__(self):
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return "-".join(f"{k}={v}" for k, v in d.items() if v != getattr(Case, k)) or "default"
-
-
-@dataclass
-class Inputs:
-    c: Case
-    x64: dict  # float64 copies of the dtype inputs (the reference's inputs)
-    x: dict  # the op inputs in dtype on the device
-    tt: torch.Tensor
-    ro: Routing
-    gy64: torch.Tensor
-    gy: torch.Tensor
-    seed: int
-    seed_t: torch.Tensor  # the same seed as the op takes it: 0-dim int64 on the device (refilled in place by tests)
-
-
-def make_inputs(c: Case, dtype, device="cpu", seed: Optional[int] = None) -> Inputs:
-    """Fresh random inputs (a new seed per call unless given)."""
-    seed = int(torch.randint(0, 2**31, (1,))) if seed is None else seed
-    inp, g = op_inputs(c.T, c.d_in, c.d_out, c.r, c.E, dtype=dtype, bias=c.bias, gate=c.gate, seed=seed,
-                       device=device)
-    x = {k: (v.detach() if v is not None else None) for k, v in inp.items()}
-    x64 = {k: (v.double().cpu() if v is not None else None) for k, v in x.items()}
-    tt = token_tasks("single" if c.routing == "single_grouped" else c.routing, c.T, c.E, g)
-    ro = build_routing(tt, c.E, c.T, device=device)
-    if c.routing == "single_grouped":  # exercises the grouped path with one expert
-        ro.single_task, ro.offsets_cpu = SINGLE_MIXED, None
-    gy = torch.randn(c.T, c.d_out, generator=g, dtype=torch.float64).to(dtype)
-    drop_seed = int(torch.randint(0, 2**32, (1,), generator=g))
-    return Inputs(c, x64, x, tt, ro, gy.double(), gy.to(device), drop_seed, torch.tensor(drop_seed, device=device))
-
-
-def fwd_args(inp: Inputs) -> FwdArgs:
-    ro = inp.ro
-    return FwdArgs(**inp.x, token_task=ro.token_task, sorted_idx=ro.sorted_idx, expert_offsets=ro.expert_offsets,
-                   offsets_cpu=ro.offsets_cpu, single_task=ro.single_task, scale=inp.c.scale,
-                   dropout_p=inp.c.p, seed=inp.seed_t)
-
-
-def bwd_args(inp: Inputs, saved, **kw) -> BwdArgs:
-    return BwdArgs(**fwd_args(inp).__dict__, grad_y=inp.gy, h_s=saved[1], h_t=saved[2], coef=saved[3], **kw)
-
-
-def reference(inp: Inputs) -> dict:
-    """float64 forward outputs, saved tensors (base.py semantics) and gradients."""
-    c, m = inp.c, inp.x64
-    leaf = {k: (v.clone().requires_grad_(k not in ("weight", "bias")) if v is not None else None) for k, v in m.items()}
-    y = moe_lora_reference(**leaf, token_task=inp.tt, scale=c.scale, dropout_p=c.p, seed=inp.seed)
-    y.backward(inp.gy64)
-    out = dict(y=y.detach())
-    xd = D.apply_dropout(m["x"], c.p, inp.seed)
-    has = (inp.tt >= 0)[:, None]
-    out["h_s"] = xd @ m["shared_A"].T
-    out["h_t"] = torch.einsum("ti,tri->tr", xd, m["task_A"][inp.tt.clamp(min=0)]) * has
-    beta = torch.softmax(m["x"] @ m["gate_weight"].T, -1) if c.gate else torch.ones(c.T, 2, dtype=torch.float64)
-    out["coef"] = torch.where(has, beta, torch.tensor([1.0, 0.0], dtype=torch.float64))
-    for name, k in zip(GRADS, ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")):
-        out[name] = leaf[k].grad if leaf[k] is not None else None
-    return out
-
-
-def run(backend, inp: Inputs, **bwd_kw) -> dict:
-    saved = backend.forward(fwd_args(inp))
-    grads = backend.backward(bwd_args(inp, saved, **bwd_kw))
-    return dict(zip(("y", "h_s", "h_t", "coef"), saved)) | dict(zip(GRADS, grads))
-
-
-def check(got: dict, eager: dict, ref: dict, dtype, names=None, what=""):
-    """Every output finite and within the accuracy contract (module docstring)."""
-    for k in names or ref:
-        if ref[k] is None:
-            assert got[k] is None, f"{what}{k}: expected None"
-            continue
-        assert got[k] is not None, f"{what}{k}: missing"
-        assert torch.isfinite(got[k]).all(), f"{what}{k}: non-finite values (unwritten output?)"
-        e = rel_err(got[k].cpu(), ref[k])
-        if dtype == torch.float32:
-            tol = 1e-5
-        else:
-            tol = max(2 * rel_err(eager[k].cpu(), ref[k]), EPS[dtype] / 8)
-        assert e <= tol, f"{what}{k}: relative error {e:.3g} > {tol:.3g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# the interpreter matrix
-
-MATRIX = [
-    Case(),
-    Case(routing="single"),
-    Case(routing="single_grouped"),
-    Case(routing="skewed", T=40),
-    Case(routing="none"),
-    Case(routing="mixed", E=4),
-    Case(routing="partial", T=20, E=8),  # experts without tokens
-    Case(gate=False, bias=False, p=0.0),
-    Case(gate=False, routing="single", p=0.0),
-    Case(r=1),
-    Case(T=1, routing="single"),
-    Case(T=1, routing="none", gate=False),
-    Case(T=32, d_in=32, d_out=48, r=8, E=4),  # sizes that are multiples of the tiles
-    Case(T=20, d_in=40, d_out=24, r=64, E=2),  # r = 64 (the "hi" rank bucket)
-]
-DTYPES_CPU = [torch.float32, torch.float16]
-
-
-@needs_interpreter
-@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
-@pytest.mark.parametrize("case", MATRIX, ids=str)
-def test_matrix(case, dtype):
-    inp = make_inputs(case, dtype)
-    ref, eager = reference(inp), run(EagerBackend(), inp)
-    b = TritonBackend(expand="addmm")
-    check(run(b, inp), eager, ref, dtype, what="atomic: ")
-    check(run(b, inp, deterministic=True), eager, ref, dtype, names=GRADS, what="deterministic: ")
+DTYPES_CPU = [torch.float32, torch.float16]  # (the matrix over every case is tests/test_conformance.py)
 
 
 @needs_interpreter
@@ -209,20 +62,6 @@ def test_gate_gradient_larger_than_the_rank_rows():
     """r = 1 and 2 * d_in above one reduce block: the one reduce launch must cover the gate's 2 rows."""
     inp = make_inputs(Case(T=5, d_in=600, d_out=20, r=1, E=2), torch.float32)
     check(run(TritonBackend(), inp), run(EagerBackend(), inp), reference(inp), torch.float32)
-
-
-# grouped batches fuse the base GEMM only above the decode size (T > 64)
-FUSED = [Case(T=70), Case(routing="single", gate=False), Case(routing="none", T=17),
-         Case(T=66, r=1, p=0.0, routing="skewed")]
-
-
-@needs_interpreter
-@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
-@pytest.mark.parametrize("case", FUSED, ids=str)
-def test_fused_expand(case, dtype):
-    """The base GEMM inside the expand kernel (LoRA tile as the accumulator's start value)."""
-    inp = make_inputs(case, dtype)
-    check(run(TritonBackend(expand="fused"), inp), run(EagerBackend(), inp), reference(inp), dtype)
 
 
 SPLIT_TILES = dict(

@@ -56,6 +56,9 @@ from .configs import Tile, TileTable
 
 EXPAND_ENV = "MOECL_TRITON_EXPAND"
 EXPAND_MODES = ("addmm", "fused")
+VARIANT_ENV = "MOECL_TRITON_VARIANT"
+GEMM_VARIANTS = ("gemm", "gemm-ptr", "gemm-tma")  # variants.py: the LoRA terms inside the base GEMM
+VARIANTS = EXPAND_MODES + GEMM_VARIANTS
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton picks the interpreter when a kernel is *defined*; record how ours were built.
 INTERPRETED = isinstance(kernels._shrink_kernel, InterpretedFunction)
@@ -188,17 +191,31 @@ def _rank_view(t: Tensor, transposed: bool) -> Tensor:
 class TritonBackend:
     """Triton implementation of the fused MoE-LoRA op (``backend="triton"``).
 
-    ``expand``: ``"addmm"`` or ``"fused"`` (default: ``$MOECL_TRITON_EXPAND`` or addmm).
-    ``tiles``: per-kernel Tile overrides (see ``configs``), for experiments and tests."""
+    ``variant``: one of ``VARIANTS`` -- ``addmm`` (default) and ``fused`` are the expand modes
+    below, ``gemm`` / ``gemm-ptr`` / ``gemm-tma`` the fused-GEMM variants of ``variants.py``
+    (default: ``$MOECL_TRITON_VARIANT``). ``expand``: ``"addmm"`` or ``"fused"`` (default:
+    ``$MOECL_TRITON_EXPAND`` or addmm), used when no variant is given.
+    ``tiles``: per-kernel Tile overrides (see ``configs``, ``variants.KERNELS``), for experiments and tests."""
 
     name = "triton"
     priority = 20
 
-    def __init__(self, expand: Optional[str] = None, tiles: Optional[dict[str, Tile]] = None):
-        mode = (expand or os.environ.get(EXPAND_ENV, "") or "addmm").strip().lower()
+    def __init__(self, expand: Optional[str] = None, tiles: Optional[dict[str, Tile]] = None,
+                 variant: Optional[str] = None):
+        v = (variant or ("" if expand else os.environ.get(VARIANT_ENV, "")) or "").strip().lower()
+        if v and v not in VARIANTS:
+            raise ValueError(f"variant={v!r} (or ${VARIANT_ENV}) must be one of {VARIANTS}")
+        mode = (v if v in EXPAND_MODES else expand or os.environ.get(EXPAND_ENV, "") or "addmm").strip().lower()
         if mode not in EXPAND_MODES:
             raise ValueError(f"expand={mode!r} (or ${EXPAND_ENV}) must be one of {EXPAND_MODES}")
         self.expand = mode
+        self.variant = v if v in GEMM_VARIANTS else mode
+        tiles = dict(tiles or {})
+        self._gemm = None
+        if self.variant in GEMM_VARIANTS:
+            from .variants import KERNELS as GEMM_KERNELS, GemmVariant
+
+            self._gemm = GemmVariant(self.variant, {k: tiles.pop(k) for k in GEMM_KERNELS if k in tiles})
         self.tiles = TileTable(tiles)
         self._train_idx: dict = {}
         self._plans: dict = {}  # launch geometry and constexprs per (stage, device, shape, flags)
@@ -224,6 +241,8 @@ class TritonBackend:
     # forward / backward
 
     def forward(self, a: FwdArgs):
+        if self._gemm is not None:
+            return self._gemm.forward(a)
         x = a.x
         T, r, d_out = x.shape[0], a.shared_A.shape[0], a.weight.shape[0]
         dev, acc = x.device, acc_dtype(x.dtype)
@@ -249,6 +268,8 @@ class TritonBackend:
         return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
+        if self._gemm is not None:
+            return self._gemm.backward(a)
         x, gy, W = a.x, a.grad_y, a.weight
         T, r, E = x.shape[0], a.shared_A.shape[0], a.task_A.shape[0]
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
@@ -409,8 +430,8 @@ class TritonBackend:
         dev = Z.device
         do_task, do_gate = bool(train) and out_task, dlog is not None
         slot_of = self._train_index(train if do_task else [], route.E, dev)
-        outs = [torch.empty(like.shape, dtype=like.dtype, device=dev) if on else None
-                for on, like in ((out_shared, shared_like), (out_task, task_like), (do_gate, gate_like))]
+        grads = [torch.empty(like.shape, dtype=like.dtype, device=dev) if on else None
+                 for on, like in ((out_shared, shared_like), (out_task, task_like), (do_gate, gate_like))]
         key = (Z.dtype, route.mode, _pow2(max(T, 1), 1), N, R_PAD, out_shared, do_task, do_gate, drop.enabled)
 
         def run(tile: Tile):
@@ -430,16 +451,16 @@ class TritonBackend:
                     CHUNK=tile.chunk, BLOCK_T=tile.block_t, BLOCK_N=tile.block_n, R_PAD=R_PAD, G_PAD=route.g_pad,
                     PREC=_prec(Z.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
                 )
-            self._reduce(ws_s, ws_t, ws_g, ws.stride(0), outs, transposed, route, tile, n_slots, slot_of, r, N)
+            self._reduce(ws_s, ws_t, ws_g, ws.stride(0), grads, transposed, route, tile, n_slots, slot_of, r, N)
 
         run(self.tiles.pick("wgrad", dev, T, r, key, run))
-        return tuple(outs)
+        return tuple(grads)
 
     @staticmethod
-    def _reduce(ws_s: Tensor, ws_t: Tensor, ws_g: Tensor, stride_ws: int, outs: list, transposed: bool,
+    def _reduce(ws_s: Tensor, ws_t: Tensor, ws_g: Tensor, stride_ws: int, grads: list, transposed: bool,
                 route: _Route, tile: Tile, n_slots: int, slot_of: Tensor, r: int, N: int) -> None:
         """One launch: every wanted gradient of a wgrad from its fp32 slots, in its dtype."""
-        shared, task, gate_ = outs
+        shared, task, gate_ = grads
         out_s = _rank_view(shared, transposed) if shared is not None else ws_s  # (placeholders: never written)
         out_t = _rank_view(task, transposed) if task is not None else ws_t
         out_g = gate_ if gate_ is not None else ws_g

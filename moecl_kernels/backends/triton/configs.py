@@ -89,8 +89,8 @@ _SM90 = _table(
                wgrad=T(chunk=256, block_t=64, block_n=128, num_stages=3)),
     large=dict(shrink=T(block_t=64, block_k=128, split_k=0, num_stages=3),
                expand=T(block_t=64, block_n=128),
-               fused=T(block_t=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-               wgrad=T(chunk=512, block_t=64, block_n=128, num_stages=3)),
+               fused=T(block_t=128, block_n=128, block_k=64, num_warps=8, num_stages=3),  # 256 wide spill
+               wgrad=T(chunk=512, block_t=64, block_n=128, num_warps=8, num_stages=3)),  # 4 warps spill
     hi=dict(shrink=dict(block_k=64, num_warps=8), wgrad=dict(block_n=64, num_warps=8),
             fused=dict(block_t=64, block_n=128)),
 )
@@ -104,7 +104,7 @@ _SM80 = _table(
                fused=T(block_t=64, block_n=128, block_k=32, num_warps=4, num_stages=4),
                wgrad=T(chunk=256, block_t=32, block_n=128, num_stages=3)),
     large=dict(shrink=T(block_t=64, block_k=64, split_k=0, num_stages=3),
-               expand=T(block_t=64, block_n=128),
+               expand=T(block_t=64, block_n=128, num_warps=8),  # 4 warps spill on sm_80
                fused=T(block_t=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
                wgrad=T(chunk=512, block_t=32, block_n=128, num_stages=3)),
     hi=dict(shrink=dict(block_k=32, num_warps=8), wgrad=dict(block_n=64, num_warps=8),
