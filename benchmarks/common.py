@@ -1,10 +1,12 @@
 """Machinery shared by the benchmarks: environment record, timing, memory, checks, tables.
 
 Timing: CUDA events around every repetition on a GPU (the interval includes any host
-launch overhead the provider has, as a user would see it); ``time.perf_counter`` on the
+launch overhead the provider has, as a user would see it: back to back, a launch-bound step
+measures the host's speed, a one-kernel step the device's); ``time.perf_counter`` on the
 CPU. Each measurement warms up, sizes its repetition count to a time target, and keeps
 every repetition's time; the median is the reported figure. Callers rotate among several
-input sets (``step(i)`` uses set ``i % n_rot``) so repeated runs do not hit a warm L2.
+input sets (``step(i)`` uses set ``i % n_rot``) so repeated runs do not hit a warm L2, and
+``Timer.interleaved`` times several steps round-robin so that none always goes first.
 
 Memory: on a GPU, the peak allocated above what was allocated before one step
 (outputs, saved activations, gradients and workspaces); on the CPU no allocator
@@ -170,6 +172,43 @@ class Timer:
             step(i % n_rot)
             out.append((time.perf_counter() - t0) * 1e3)
         return out
+
+
+    def interleaved(self, steps: dict[str, Callable[[int], Any]], n_rot: int) -> dict[str, list[float]]:
+        """Per-repetition milliseconds of several steps timed together, round-robin: each round
+        runs every step once, in the given order on even rounds and reversed on odd ones, so no
+        step always runs first (after a sync, on a cold L2, on a warmer or cooler chip) and a
+        drift of the machine during the measurement reaches them all alike. Every step gets the
+        same repetition count, sized so the whole takes about ``target_ms`` per step."""
+        names = list(steps)
+        if not names:
+            return {}
+        for i in range(self.warmup):
+            for n in names:
+                steps[n](i % n_rot)
+        sync(self.device)
+        probe = max(1, min(3, self.min_reps))
+        est = sum(self._elapsed_ms(steps[n], 0, probe, n_rot) / probe for n in names)
+        reps = int(min(self.max_reps, max(self.min_reps, math.ceil(self.target_ms * len(names) / max(est, 1e-4)))))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        order = [(i, n) for i in range(reps) for n in (names if i % 2 == 0 else names[::-1])]
+        if self.device.type == "cuda":
+            ev = []
+            for i, n in order:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                steps[n](i % n_rot)
+                e1.record()
+                ev.append((n, e0, e1))
+            torch.cuda.synchronize(self.device)
+            for n, e0, e1 in ev:
+                times[n].append(e0.elapsed_time(e1))
+            return times
+        for i, n in order:
+            t0 = time.perf_counter()
+            steps[n](i % n_rot)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+        return times
 
 
 def peak_memory_mb(step: Callable[[int], Any], device: torch.device) -> Optional[float]:

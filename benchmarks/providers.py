@@ -7,11 +7,12 @@ A provider computes one of three semantics, and is checked against the float64 o
 * ``lora``: plain LoRA of the routed task, no shared expert, no gate (what PEFT computes)
 * ``moe``:  the full op of docs/spec.md §1 (shared + routed task expert, gated)
 
-Providers: base (``F.linear``), eager / triton / cuda (the op's backends), reference (the
-per-token oracle formula in the working dtype: what a naive implementation costs), peft
-(PEFT LoRA, single adapter: one-task batches), peft-mixed (PEFT's mixed-adapter batch,
-``adapter_names=``: inference only, mixed batches) and grouped_mm (the op built from
-``torch._grouped_mm``, where the device supports it).
+Providers: base (``F.linear``), eager / triton-addmm / triton-fused / cuda (the op's backends;
+the two Triton providers are the backend's two expand modes, ``triton-addmm`` the default that
+``backend="triton"`` runs), reference (the per-token oracle formula in the working dtype: what a
+naive implementation costs), peft (PEFT LoRA, single adapter: one-task batches), peft-mixed
+(PEFT's mixed-adapter batch, ``adapter_names=``: inference only, mixed batches of equal-length
+sequences) and grouped_mm (the op built from ``torch._grouped_mm``, where the device supports it).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Problem:
     alpha: float
     backward: bool        # fwd+bwd mode
     device: torch.device
+    ragged: bool = False  # sequences of unequal lengths (seq_tasks then cannot be laid out as [B, S])
 
     @property
     def dims(self) -> tuple[int, int, int, int, int]:
@@ -114,13 +116,36 @@ class BaseLinear(Provider):
         return Bound(lambda: F.linear(s.x, s.weight), {"x": s.x})
 
 
+TRITON_EXPAND_PROVIDERS = {"triton-addmm": "addmm", "triton-fused": "fused"}
+
+
+def register_triton_expand_backends() -> None:
+    """Register the Triton backend once per expand mode, as ``triton-addmm`` / ``triton-fused``,
+    for this process (benchmarks only; priority -1: ``auto`` never picks them)."""
+    for name, expand in TRITON_EXPAND_PROVIDERS.items():
+        if name in mk_backends.registered_backends():
+            continue
+
+        def factory(name=name, expand=expand):
+            from moecl_kernels.backends.triton import TritonBackend
+
+            b = TritonBackend(expand=expand)
+            b.name, b.priority = name, -1
+            return b
+
+        mk_backends.register_backend(name, factory)
+
+
 class OpBackend(Provider):
-    """``moe_lora_linear(..., backend=name)``: the library's eager, triton or cuda backend."""
+    """``moe_lora_linear(..., backend=name)``: the library's eager, triton (either expand mode)
+    or cuda backend."""
 
     semantics = "moe"
 
     def __init__(self, backend: str):
         self.name = backend
+        if backend in TRITON_EXPAND_PROVIDERS:
+            register_triton_expand_backends()
 
     def skip_reason(self, p):
         if self.name != "eager" and p.device.type != "cuda":
@@ -228,6 +253,8 @@ class PeftMixed(Provider):
             return "PEFT's mixed-adapter batches are inference only"
         if p.single_task is not None:
             return "one-task batch: see peft"
+        if p.ragged:
+            return "ragged sequences: PEFT's adapter_names needs a [batch, seq] layout"
         return _peft_missing()
 
     def bind(self, p, i):
@@ -300,5 +327,5 @@ class GroupedMM(Provider):
 
 
 def all_providers() -> list[Provider]:
-    return [BaseLinear(), OpBackend("eager"), OpBackend("triton"), OpBackend("cuda"), Reference(), PeftSingle(),
-            PeftMixed(), GroupedMM()]
+    return [BaseLinear(), OpBackend("eager"), OpBackend("triton-addmm"), OpBackend("triton-fused"),
+            OpBackend("cuda"), Reference(), PeftSingle(), PeftMixed(), GroupedMM()]

@@ -233,6 +233,11 @@ __device__ __forceinline__ Chunk<T> load_chunk(const T* row, int64_t col, int64_
   return c;
 }
 
+// The seed (mod 2**32) from device memory; 0 when dropout is off (the pointer may be null).
+__device__ __forceinline__ uint32_t dropout_seed(const Dropout& d) {
+  return d.enabled ? static_cast<uint32_t>(static_cast<uint64_t>(*d.seed)) : 0u;
+}
+
 // x * keep / (1 - p), rounded like ops/dropout.py (product in fp32, one rounding to T).
 template <typename T>
 __device__ __forceinline__ T dropout_value(T v, const Dropout& d, uint32_t row_key, int64_t col) {

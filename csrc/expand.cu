@@ -77,12 +77,13 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams<T> 
     __syncthreads();
   }
 
+  const uint32_t seed = dropout_seed(p.dropout);
   for_each_acc(acc, [&](int row, int c, float v) {
     const int64_t tok = toks[row];
     const int64_t col = n0 + c;
     if (tok < 0 || col >= p.N) return;
     if (p.dropout.enabled) {
-      const bool keep = dropout_keep(dropout_row_key(p.dropout.seed, static_cast<uint32_t>(tok)),
+      const bool keep = dropout_keep(dropout_row_key(seed, static_cast<uint32_t>(tok)),
                                      static_cast<uint32_t>(col), p.dropout.threshold);
       v *= keep ? p.dropout.keep_scale : 0.0f;
     }

@@ -41,6 +41,7 @@ Status check_dropout(const char* kOp, const Dropout& d) {
   MOECL_REQUIRE(d.threshold <= (1u << 24), "dropout threshold ", d.threshold, " exceeds 2**24");
   MOECL_REQUIRE(std::isfinite(d.keep_scale) && d.keep_scale >= 1.0f, "dropout keep_scale ", d.keep_scale,
                 " must be finite and >= 1 (1 / (1 - p))");
+  MOECL_RETURN_IF_ERROR(check_pointer(kOp, "dropout seed", d.seed, 8));
   return {};
 }
 

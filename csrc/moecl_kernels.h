@@ -41,10 +41,12 @@ struct Routing {
   int32_t num_experts = 0;              // E
 };
 
-// Seeded hash dropout of moecl_kernels/ops/dropout.py (see dropout_hash.h).
+// Seeded hash dropout of moecl_kernels/ops/dropout.py (see dropout_hash.h). The seed is read
+// from device memory by the kernels (never passed by value), so a captured CUDA graph replays
+// with whatever the seed tensor holds at replay time.
 struct Dropout {
   bool enabled = false;
-  uint32_t seed = 0;        // seed mod 2**32
+  const int64_t* seed = nullptr;  // device pointer to the seed (used mod 2**32); required when enabled
   uint32_t threshold = 0;   // threshold24(p): keep iff (hash >> 8) >= threshold
   float keep_scale = 1.0f;  // 1 / (1 - p)
 };

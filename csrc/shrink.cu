@@ -58,11 +58,12 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams<T> 
   constexpr int kIters = kBM * kSegs / kThreads;  // chunks per thread
   const T* rows[kIters];
   uint32_t keys[kIters];
+  const uint32_t seed = dropout_seed(p.dropout);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t tok = toks[(tid + it * kThreads) / kSegs];
     rows[it] = tok >= 0 ? p.input + tok * p.ld_input : nullptr;
-    keys[it] = dropout_row_key(p.dropout.seed, static_cast<uint32_t>(tok));
+    keys[it] = dropout_row_key(seed, static_cast<uint32_t>(tok));
   }
 
   Acc acc = {};

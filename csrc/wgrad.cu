@@ -91,6 +91,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams<T> p)
   constexpr int kSegs = kBN / V;                  // chunks per token row of the q slice
   constexpr int kIters = kBK * kSegs / kThreads;  // chunks per thread
   Acc acc = {};
+  const uint32_t seed = dropout_seed(p.dropout);
   for (int64_t pos0 = s_begin; pos0 < s_end; pos0 += kBK) {
     if (tid < kBK) {
       const int64_t pos = pos0 + tid;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams<T> p)
       const int64_t tok = toks[k];
       const int64_t col = c0 + seg * V;
       Chunk<T> v = load_chunk(tok >= 0 ? p.q + tok * p.ld_q : nullptr, col, p.C, p.q_vec_ok);
-      const uint32_t key = dropout_row_key(p.dropout.seed, static_cast<uint32_t>(tok));
+      const uint32_t key = dropout_row_key(seed, static_cast<uint32_t>(tok));
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         qsl[seg * V + j][k] = p.dropout.enabled ? dropout_value(v.v[j], p.dropout, key, col + j) : v.v[j];

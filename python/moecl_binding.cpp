@@ -6,7 +6,7 @@
 // arguments are tuples:
 //   matrix  = (data_ptr, stride_n, stride_k, stride_e)
 //   routing = (sorted_idx_ptr or 0, offsets_ptr or 0, single_task, num_tokens, num_experts)
-//   dropout = (enabled, seed_u32, threshold24, keep_scale)
+//   dropout = (enabled, seed_ptr (int64 on the device, or 0 when disabled), threshold24, keep_scale)
 // A launcher's invalid-argument status raises ValueError, a CUDA launch error RuntimeError.
 // moecl_kernels/backends/cuda.py is the only caller.
 #include <pybind11/pybind11.h>
@@ -38,7 +38,7 @@ namespace {
 
 using MatrixT = std::tuple<std::uintptr_t, int64_t, int64_t, int64_t>;
 using RoutingT = std::tuple<std::uintptr_t, std::uintptr_t, int32_t, int64_t, int32_t>;
-using DropoutT = std::tuple<bool, uint32_t, uint32_t, float>;
+using DropoutT = std::tuple<bool, std::uintptr_t, uint32_t, float>;
 
 template <typename P = void>
 P* ptr(std::uintptr_t v) {
@@ -67,7 +67,7 @@ moecl::Routing to_routing(const RoutingT& r) {
 moecl::Dropout to_dropout(const DropoutT& d) {
   moecl::Dropout out;
   out.enabled = std::get<0>(d);
-  out.seed = std::get<1>(d);
+  out.seed = ptr<const int64_t>(std::get<1>(d));
   out.threshold = std::get<2>(d);
   out.keep_scale = std::get<3>(d);
   return out;

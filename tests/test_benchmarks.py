@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_op
-from benchmarks.bench_op import SPEC_TARGETS, Case, evaluate_spec, run_case
+from benchmarks import bench_op, cases, report
+from benchmarks.bench_op import run_case
+from benchmarks.cases import SPEC_TARGETS, Case
 from benchmarks.common import Timer
+from benchmarks.report import evaluate_spec
 from benchmarks.providers import BaseLinear, Bound, OpBackend
 from moecl_kernels.ops import moe_lora_linear
 from moecl_kernels.routing import build_routing
@@ -38,16 +40,22 @@ def test_quick_writes_table_json_and_png(tmp_path):
     ok = [r for r in data["results"] if r["status"] == "ok"]
     assert {r["provider"] for r in ok} >= {"base", "eager", "reference", "peft", "peft-mixed"}
     assert {(r["case"]["mode"], r["case"]["routing"]) for r in ok} == {
-        (m, rt) for m in bench_op.MODES for rt in bench_op.ROUTINGS}
+        (m, rt) for m in cases.MODES for rt in cases.ROUTINGS}
     for r in ok:
         assert r["max_err"] <= r["tol"] and len(r["times_ms"]) == r["reps"] >= 3
         assert r["median_ms"] > 0 and r["ratio_to_base"] > 0 and r["peak_mb"] is None  # n/a on CPU
         if r["case"]["mode"] == "fwd+bwd":
             assert r["saved_extra_bytes"] >= 0
     eager = [r for r in ok if r["provider"] == "eager" and r["case"]["mode"] == "fwd+bwd"]
-    assert all(r["saved_extra_bytes"] <= bench_op.saved_bound_bytes(r["case"]["T"], r["case"]["r"]) for r in eager)
+    assert all(r["saved_extra_bytes"] <= cases.saved_bound_bytes(r["case"]["T"], r["case"]["r"]) for r in eager)
     assert "## Every measurement" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # --rerender rewrites bench.md from bench.json (run_gpu.sh's last stage), measuring nothing
+    (tmp_path / "bench.md").write_text("stale")
+    p = _module("benchmarks.bench_op", "--rerender", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "## docs/spec.md §4 targets" in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == data["results"]
 
 
 def test_a_wrong_provider_fails_the_run(tmp_path):
@@ -88,7 +96,7 @@ class _Wrong(OpBackend):
         return Bound(forward, targets)
 
 
-@pytest.mark.parametrize("mode", bench_op.MODES)
+@pytest.mark.parametrize("mode", cases.MODES)
 @pytest.mark.parametrize("bug", ["routing", "gate", "nan"])
 def test_checker_catches_wrong_semantics(bug, mode):
     timer = Timer(CPU, target_ms=1, min_reps=2, max_reps=3, warmup=1)
@@ -108,9 +116,9 @@ def test_spec_rows_are_judged_against_their_targets():
     one, mixed, fb = t["fwd_one"].case, t["fwd_mixed"].case, t["fwd_bwd"].case
     T, r = fb.T, fb.r
     results = [
-        _rec(one, "eager", ratio_to_base=1.4), _rec(one, "triton", ratio_to_base=1.05),
-        _rec(one, "cuda", ratio_to_base=1.2),
-        _rec(mixed, "eager", ratio_to_base=1.5), _rec(mixed, "triton", ratio_to_base=1.2),
+        _rec(one, "eager", ratio_to_base=1.4), _rec(one, "triton-fused", ratio_to_base=1.05),
+        _rec(one, "cuda", ratio_to_base=1.2), _rec(one, "triton-addmm", ratio_to_base=1.12),
+        _rec(mixed, "eager", ratio_to_base=1.5), _rec(mixed, "triton-addmm", ratio_to_base=1.2),
         {"label": mixed.label, "provider": "cuda", "status": "skipped", "reason": "not built"},
         _rec(fb, "eager", ratio_to_base=1.3, saved_extra_bytes=3 * T * r * 4),
         _rec(fb, "cuda", ratio_to_base=1.1, saved_extra_bytes=T * (2 * r + 2) * 4),
@@ -119,14 +127,14 @@ def test_spec_rows_are_judged_against_their_targets():
            "fused_backend": "cuda"}
     spec = {row["key"]: row for row in evaluate_spec(results, e2e)}
     row = spec["fwd_one"]
-    assert (row["status"], row["fused_provider"], row["fused"]) == ("met", "triton", 1.05)
+    assert (row["status"], row["fused_provider"], row["fused"]) == ("met", "triton-fused", 1.05)
     assert spec["fwd_mixed"]["status"] == "not met" and spec["fwd_mixed"]["eager"] == 1.5
     assert spec["fwd_bwd"]["status"] == "met" and spec["fwd_bwd"]["fused_provider"] == "cuda"
     assert spec["saved"]["status"] == "met"
     assert spec["decode"]["status"] == "not run"
     assert spec["e2e"]["status"] == "not met"  # 0.85 < 0.9 x PEFT
-    md = bench_op._spec_md(list(spec.values()))
-    assert "1.050× (triton)" in md and "not met" in md
+    md = report.spec_md(list(spec.values()))
+    assert "1.050× (triton-fused)" in md and "not met" in md
 
 
 def test_e2e_quick_checks_backends_and_feeds_the_spec_table(tmp_path):
@@ -134,7 +142,9 @@ def test_e2e_quick_checks_backends_and_feeds_the_spec_table(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((tmp_path / "e2e.json").read_text())
     assert all(c["ok"] for c in res["check"].values())
-    assert set(res["variants"]) == {"fused", "eager", "peft"}
+    # on a CPU no fused backend is available: the fused figure is auto's choice (eager)
+    assert res["fused_backends"] == ["eager"] and res["fused_backend"] == res["auto_backend"] == "eager"
+    assert set(res["variants"]) == {"eager", "peft"}
     assert all(v["tokens_per_s"] > 0 for v in res["variants"].values())
     assert "tokens/s" in (tmp_path / "e2e.md").read_text()
     row = next(r for r in evaluate_spec([], res) if r["key"] == "e2e")
@@ -148,9 +158,69 @@ def test_harness_on_a_gpu():
 
     dev = torch.device("cuda")
     timer = Timer(dev, target_ms=5, min_reps=3, max_reps=5)
-    for case in (Case("fwd", 512, 256, 16, 8, 256, "mixed"), Case("fwd+bwd", 512, 256, 16, 8, 256, "one")):
+    for case in (Case("fwd", 512, 256, 16, 8, 256, "mixed"), Case("fwd+bwd", 512, 256, 16, 8, 256, "ragged"),
+                 Case("fwd", 512, 256, 16, 8, 16, "mixed")):
         recs = run_case(case, all_providers(), dev, timer)
         assert not [r for r in recs if r["status"] in ("FAIL", "error")], recs
         ok = [r for r in recs if r["status"] == "ok"]
-        assert {"base", "eager"} <= {r["provider"] for r in ok}
+        assert {"base", "eager", "triton-addmm", "triton-fused"} <= {r["provider"] for r in ok}
         assert all(r["peak_mb"] > 0 and r["tflops"] > 0 for r in ok)
+        if case.decode:  # timed again as CUDA-graph replays, base and op alike
+            graphed = {r["provider"] for r in ok if r.get("graph_median_ms")}
+            assert {"base", "triton-addmm", "triton-fused"} <= graphed, [r.get("graph_error") for r in ok]
+
+
+def test_ragged_batches_are_skewed_and_never_tile_aligned():
+    g = torch.Generator().manual_seed(0)
+    seq, ids = cases.batch_tasks("ragged", 8192, 8, g)
+    lengths = cases.ragged_lengths(8192, torch.Generator().manual_seed(0))
+    assert sum(lengths) == 8192 and all(n % 2 == 1 for n in lengths[:-1])  # odd: no multiple of any tile
+    assert ids.shape == (8192,) and len(seq) == len(lengths)
+    counts = torch.bincount(ids[ids >= 0], minlength=8)
+    assert counts[0] > 2 * counts[4] and (ids == -1).any()  # zipf-skewed, with some tokens without a task
+    assert cases.Case("fwd", 64, 64, 4, 8, 16, "ragged").decode and not cases.Case("fwd+bwd", 64, 64, 4, 8, 16,
+                                                                                    "one").decode
+
+
+def test_interleaved_timing_alternates_the_order():
+    calls = []
+    timer = Timer(CPU, target_ms=0.001, min_reps=4, max_reps=4, warmup=0)
+    steps = {n: (lambda i, n=n: calls.append(n)) for n in ("base", "a", "b")}
+    times = timer.interleaved(steps, n_rot=2)
+    assert all(len(t) == 4 for t in times.values())
+    timed = calls[-12:]  # after the probe runs
+    assert timed == ["base", "a", "b", "b", "a", "base"] * 2
+
+
+def test_decode_row_judged_eagerly_and_says_when_only_graphs_meet_it():
+    dec = {s.key: s for s in SPEC_TARGETS}["decode"].case
+    results = [_rec(dec, "eager", ratio_to_base=4.0), _rec(dec, "cuda", ratio_to_base=2.5, graph_ratio_to_base=1.2),
+               _rec(dec, "triton-addmm", ratio_to_base=3.0, graph_ratio_to_base=1.25)]
+    row = next(r for r in evaluate_spec(results, None) if r["key"] == "decode")
+    assert row["status"] == "met with CUDA graphs only" and row["fused"] == 2.5 and row["fused_graph"] == 1.2
+    assert "graph-replayed 1.200×" in report.spec_md([row])
+
+
+def test_auto_choice_candidate_ranks_backends_per_bucket():
+    env = {"device_type": "cuda", "capability": "9.0"}
+    big, small = Case("fwd", 64, 64, 4, 8, 4096, "mixed"), Case("fwd", 64, 64, 4, 8, 16, "mixed")
+    results = [
+        {**_rec(big, "triton-addmm", ratio_to_base=1.1), "case": {"dtype": "bf16", "T": 4096}},
+        {**_rec(big, "cuda", ratio_to_base=1.3), "case": {"dtype": "bf16", "T": 4096}},
+        {**_rec(big, "eager", ratio_to_base=1.6), "case": {"dtype": "bf16", "T": 4096}},
+        {**_rec(small, "triton-addmm", ratio_to_base=3.0, graph_ratio_to_base=1.4), "case": {"dtype": "bf16", "T": 16}},
+        {**_rec(small, "cuda", ratio_to_base=2.0, graph_ratio_to_base=1.2), "case": {"dtype": "bf16", "T": 16}},
+        {**_rec(small, "eager", ratio_to_base=9.0), "case": {"dtype": "bf16", "T": 16}},
+    ]
+    cand = report.auto_choice_candidate(results, env)
+    assert cand == {"sm_90": {"bf16/large": ["triton", "cuda", "eager"], "bf16/decode": ["cuda", "triton", "eager"]}}
+    assert report.auto_choice_candidate(results, {"device_type": "cpu"}) == {}  # CPU figures decide nothing
+
+
+def test_host_cost_measurement_runs_on_the_cpu(tmp_path):
+    p = _module("benchmarks.bench_host", "--quick", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((tmp_path / "host.json").read_text())
+    assert res["config"]["launches_per_call"] == 2  # shrink + expand (no split-K on a CPU); the base GEMM is cuBLAS's
+    assert all(v["median_us"] > 0 for v in res["pieces"].values())
+    assert "CPU measurement, launches stubbed" in (tmp_path / "host.md").read_text()

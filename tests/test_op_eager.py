@@ -207,3 +207,70 @@ def test_frozen_gate_still_routes_dx_through_gate(backend):
     (dx,) = torch.autograd.grad(y, [inp["x"]], gy)
     (dx_ref,) = torch.autograd.grad(y_ref, [x_ref], gy)
     assert rel_err(dx, dx_ref) <= 1e-10
+
+
+def test_dropout_seed_is_a_tensor_read_without_a_host_sync(monkeypatch):
+    """The seed stays a tensor all the way down: refilling it in place changes the mask of the very
+    same call (what a CUDA graph replay does), and nothing reads it on the host (.item())."""
+    inp, R, p = _small_op_args(p=0.3)
+    seed = torch.tensor(5)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host read of the seed (.item())"))
+    ys = []
+    for value in (5, 6):
+        seed.fill_(value)
+        ys.append(moe_lora_linear(**inp, routing=R, scale=1.3, dropout_p=p, seed=seed).detach())
+    monkeypatch.undo()
+    ref = [moe_lora_reference(**inp, token_task=R.token_task, scale=1.3, dropout_p=p, seed=v) for v in (5, 6)]
+    assert not torch.equal(ys[0], ys[1])
+    assert rel_err(ys[0], ref[0]) <= 1e-10 and rel_err(ys[1], ref[1]) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference"])
+def test_backends_hash_the_seed_on_the_device(backend):
+    """Forward and backward on the meta device (no data at all: a host read of any value raises):
+    the eager and reference backends compute the dropout hash from the seed tensor."""
+    from moecl_kernels import backends as bk
+    from moecl_kernels.contract import BwdArgs, FwdArgs
+
+    inp, g = op_inputs(6, 5, 4, 2, 3, dtype=torch.float32, seed=1)
+    t = {k: (v.detach().to("meta") if v is not None else None) for k, v in inp.items()}
+    R = build_routing(1, 3, 6)  # one task: no host offsets needed
+    fa = FwdArgs(**t, token_task=R.token_task.to("meta"), sorted_idx=R.sorted_idx.to("meta"),
+                 expert_offsets=R.expert_offsets.to("meta"), offsets_cpu=None, single_task=R.single_task, scale=1.0,
+                 dropout_p=0.2, seed=torch.tensor(9, device="meta"))
+    b = bk.backend(backend)
+    y, h_s, h_t, coef = b.forward(fa)
+    grads = b.backward(BwdArgs(**fa.__dict__, grad_y=torch.empty(6, 4, device="meta"), h_s=h_s, h_t=h_t, coef=coef))
+    assert y.shape == (6, 4) and all(gr is None or gr.device.type == "meta" for gr in grads)
+
+
+def test_seed_argument_errors_name_it():
+    inp, R, p = _small_op_args()
+    with pytest.raises(ValueError, match="seed is required when dropout_p > 0"):
+        moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1)
+    with pytest.raises(ValueError, match="seed must be a 0-dim integer tensor"):
+        moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1, seed=torch.tensor(1.5))
+    with pytest.raises(ValueError, match="seed must be a 0-dim integer tensor"):
+        moe_lora_linear(**inp, routing=R, scale=1.0, dropout_p=0.1, seed=7)
+
+
+def test_inference_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """Without autograd, a compiler or a dispatch mode watching, moe_lora_linear calls the backend
+    directly (the custom op's dispatch is most of a decode call's host cost); the result is the same."""
+    from moecl_kernels.ops import linear as op_module
+
+    inp, R, _ = _small_op_args()
+    calls = []
+    real = op_module.moe_lora_fwd
+    monkeypatch.setattr(op_module, "moe_lora_fwd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y_direct = moe_lora_linear(**inp, routing=R, scale=1.3)
+    assert calls == []
+    y_op = moe_lora_linear(**inp, routing=R, scale=1.3)  # the LoRA weights require grad: through the op
+    assert calls == [1] and y_op.requires_grad
+    assert torch.equal(y_direct, y_op.detach())
+    with torch.no_grad(), FlopCounterMode(display=False):  # a dispatch mode sees the op, not its pieces
+        moe_lora_linear(**inp, routing=R, scale=1.3)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match=r"shared_B must be \[d_out=5, r=2\]"):  # the fast check defers to these
+        moe_lora_linear(**dict(inp, shared_B=inp["shared_B"].t()), routing=R, scale=1.3)

@@ -78,10 +78,10 @@ def test_config_checks_every_value_up_front(override, msg):
 def test_config_accepts_lists_comma_strings_and_all(tmp_path):
     assert load_config(None, ["methods=all"]).methods == list(METHODS)
     assert load_config(None, ["methods=moecl, olora"]).methods == ["moecl", "olora"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "train.jsonl").write_text('{"text": "x", "label": "p"}\n')
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "train.jsonl").write_text('{"text": "x", "label": "p"}\n')
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for split in ("train", "test"):
+            (tmp_path / name / f"{split}.jsonl").write_text('{"text": "x", "label": "p"}\n')
     cfg = load_config(None, ["data.benchmark=folder", f"data.root={tmp_path}", "data.order=b,a"])
     assert cfg.data.order == ["b", "a"]
     with pytest.raises(ConfigError, match="names task 'c'"):

@@ -2,23 +2,30 @@
 
 Meant to run under compute-sanitizer (memcheck, racecheck): forward and backward for one
 task, mixed tasks with no-task tokens, the split-K decode path (T <= 64), the
-deterministic weight-gradient path, dropout and gate off. Exits non-zero if a result
-disagrees with the eager backend (fp32, 1e-4 relative) so a silent corruption is caught too.
+deterministic weight-gradient path, dropout and gate off, the fused expand, then a corrupt
+routing (token indices outside [0, T), offsets past T and decreasing: the kernels must stay
+in bounds, memcheck is the judge; its numbers are not checked). Exits non-zero if a result of
+a valid routing disagrees with the eager backend (fp32, 1e-4 relative) so a silent
+corruption is caught too. ``--small``: the fewest cases that still launch every kernel
+variant family (for the short sanitizer pass of benchmarks/run_gpu.sh).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
+from moecl_kernels.contract import SINGLE_MIXED
 from moecl_kernels.ops import moe_lora_linear
 from moecl_kernels.routing import build_routing
 
 GRADS = ("x", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")
 
 
-def case(T, d_in, d_out, r, E, tasks, gate=True, p=0.0, deterministic=False, seed=0):
+def case(T, d_in, d_out, r, E, tasks, gate=True, p=0.0, deterministic=False, seed=0, corrupt=False,
+         backends=("triton", "eager")):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*s, scale=1.0, grad=True):
@@ -29,38 +36,52 @@ def case(T, d_in, d_out, r, E, tasks, gate=True, p=0.0, deterministic=False, see
                task_A=rnd(E, r, d_in, scale=d_in**-0.5), task_B=rnd(E, d_out, r, scale=r**-0.5),
                gate_weight=rnd(2, d_in, scale=d_in**-0.5) if gate else None)
     R = build_routing(tasks, E, T, device="cuda")
+    if corrupt:  # a stale routing: out-of-range token indices, offsets past T and decreasing
+        sidx, off = R.sorted_idx.clone(), R.expert_offsets.clone()
+        sidx[::5], sidx[1::7] = T + 3, -2
+        off[1:] = torch.tensor([T + 9, 4, T + 40, 1][:E], dtype=off.dtype)
+        R = dataclasses.replace(R, sorted_idx=sidx, expert_offsets=off, single_task=SINGLE_MIXED, offsets_cpu=None)
     gy = torch.randn(T, d_out, generator=g).cuda()
     outs = {}
-    for backend in ("triton", "eager"):
-        y = moe_lora_linear(**inp, routing=R, scale=2.0, dropout_p=p, seed=torch.tensor(seed + 1),
+    for backend in backends:
+        y = moe_lora_linear(**inp, routing=R, scale=2.0, dropout_p=p, seed=torch.tensor(seed + 1, device="cuda"),
                             deterministic=deterministic, backend=backend)
         names = [n for n in GRADS if inp[n] is not None]
         grads = torch.autograd.grad(y, [inp[n] for n in names], gy)
         outs[backend] = [y, *grads]
     torch.cuda.synchronize()
+    if len(backends) < 2:
+        return 0.0
     worst = max(float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(outs["triton"], outs["eager"]))
     return worst
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    small = "--small" in (sys.argv[1:] if argv is None else argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     E = 4
     cases = {
-        "one task": (200, 96, 80, 8, E, torch.full((200,), 2)),
-        "mixed + no-task": (203, 97, 81, 8, E, torch.tensor([0, 3, -1, 1, 2, 1, -1] * 29)),
-        "decode split-K": (16, 256, 96, 16, E, torch.tensor([1, 0, 3, 2] * 4)),
-        "deterministic": (130, 64, 72, 4, E, torch.randint(-1, E, (130,))),
-        "dropout, gate off, r=1": (77, 65, 33, 1, E, torch.randint(0, E, (77,))),
+        "one task": (200, 96, 80, 8, E, torch.full((200,), 2), {}),
+        "mixed + no-task": (203, 97, 81, 8, E, torch.tensor([0, 3, -1, 1, 2, 1, -1] * 29), dict(p=0.1)),
+        "decode split-K": (16, 256, 96, 16, E, torch.tensor([1, 0, 3, 2] * 4), {}),
+        "deterministic": (130, 64, 72, 4, E, torch.randint(-1, E, (130,)), dict(deterministic=True)),
+        "dropout, gate off, r=1": (77, 65, 33, 1, E, torch.randint(0, E, (77,)), dict(p=0.1, gate=False)),
     }
+    if small:
+        cases = {k: cases[k] for k in ("mixed + no-task", "decode split-K")}
     bad = 0
-    for name, (T, di, do, r, E_, tasks) in cases.items():
-        kw = dict(deterministic=name == "deterministic")
-        if name.startswith("dropout"):
-            kw.update(p=0.1, gate=False)
+    for name, (T, di, do, r, E_, tasks, kw) in cases.items():
         err = case(T, di, do, r, E_, tasks, **kw)
         ok = err <= 1e-4
         bad += not ok
         print(f"{name:24s} max rel. err vs eager {err:.2e} {'ok' if ok else 'MISMATCH'}")
+    from moecl_kernels.backends import get_backend
+
+    for expand in ("addmm", "fused"):  # a corrupt routing: in bounds or memcheck reports it
+        get_backend("triton").expand = expand
+        case(130, 64, 72, 4, E, torch.randint(-1, E, (130,)), p=0.1, corrupt=True, backends=("triton",))
+        print(f"corrupt routing, {expand:6s} ran (memcheck judges the accesses)")
+    get_backend("triton").expand = "addmm"
     return 1 if bad else 0
 
 

@@ -104,8 +104,14 @@ void test_shrink_checks() {
   expect_invalid(moecl::shrink(a), "dtype code 7");
   a = valid_shrink();
   a.dropout.enabled = true;
+  a.dropout.seed = reinterpret_cast<const int64_t*>(fake(0x40000));
   a.dropout.threshold = (1u << 24) + 1;
   expect_invalid(moecl::shrink(a), "threshold");
+  a.dropout.threshold = 1u << 23;
+  a.dropout.seed = nullptr;  // the seed lives on the device: a pointer, required when enabled
+  expect_invalid(moecl::shrink(a), "dropout seed is null");
+  a.dropout.seed = reinterpret_cast<const int64_t*>(fake(0x40004));
+  expect_invalid(moecl::shrink(a), "dropout seed is not 8-byte aligned");
   a = valid_shrink();
   a.route.num_tokens = 10;
   a.partial_elems = 10;

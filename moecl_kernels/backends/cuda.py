@@ -15,6 +15,13 @@ give ``dh = s coef (grad_y B)`` and the gate's logit gradient; ``expand`` adds
 ``dropout(dh A) + dlogits W_g`` into dx; ``wgrad`` computes dB_s, dA_s, dB, dA (trainable
 experts only; frozen ones get zeros at no compute) and dW_g. Every reduction is a fixed-order
 sum without atomics, so results are bitwise reproducible and ``deterministic=True`` costs nothing.
+The per-expert weight gradients split each expert's tokens over enough blocks to fill the GPU,
+counting only the trainable experts that have tokens (known on the host when the task ids were).
+
+Token matrices (x, grad_y) need a unit feature stride: one that has another layout is copied
+once per forward / backward call (weights are read through their strides, no copy). The dropout
+seed is passed as a device pointer (``launch.kernel_seed``), and launches run under
+``torch.cuda.device(x.device)`` (``launch.device_guard``).
 
 The extension is torch-free (raw pointers, sizes, strides and the stream handle as ints),
 so it has no ABI coupling to the installed torch; it is imported on first use. fp64 is not
@@ -35,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._version import __version__
-from ..contract import SINGLE_MIXED, BwdArgs, FwdArgs
 from ..contract.dropout import threshold24
+from . import launch
+from ..contract import SINGLE_MIXED, SINGLE_NONE, BwdArgs, FwdArgs
 
 NOT_BUILT = (
     "the CUDA extension moecl_kernels._C is not built (reinstall with a CUDA torch and nvcc: "
@@ -112,7 +120,8 @@ def _splits(blocks: int, length: int, min_len: int, sms: int) -> int:
 
 
 def _ld(t: Tensor) -> tuple[Tensor, int]:
-    """(t or a copy with unit feature stride, its row stride) for a 2-D token matrix."""
+    """(t or a copy with unit feature stride, its row stride) for a 2-D token matrix: what the
+    kernels take. Called once per token matrix and call, so a strided x is copied once."""
     if t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
         t = t.contiguous()
     return t, (t.stride(0) if t.shape[0] > 1 else t.shape[1])
@@ -132,9 +141,41 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def _dropout(a: FwdArgs) -> tuple[bool, int, int, float]:
-    if a.dropout_p <= 0.0:
+    """The launchers' dropout tuple: (enabled, device pointer of the int64 seed, threshold, 1/(1-p))."""
+    seed = launch.kernel_seed(a)
+    if seed is None:
         return _NO_DROPOUT
-    return (True, int(a.seed) & 0xFFFFFFFF, threshold24(a.dropout_p), 1.0 / (1.0 - a.dropout_p))
+    return (True, seed.data_ptr(), threshold24(a.dropout_p), 1.0 / (1.0 - a.dropout_p))
+
+
+def _expert_tokens(a: FwdArgs, T: int, E: int) -> Optional[list[int]]:
+    """Tokens of each expert when known on the host (host offsets or a single-task hint), else None."""
+    if a.single_task >= 0:
+        return [T if e == a.single_task else 0 for e in range(E)]
+    if a.single_task == SINGLE_NONE:
+        return [0] * E
+    if a.offsets_cpu is None:
+        return None
+    off = [int(v) for v in a.offsets_cpu.tolist()]
+    return [off[e + 1] - off[e] for e in range(E)]
+
+
+def wgrad_jobs(expert_tokens: Optional[list[int]], trainable: Optional[int], T: int) -> tuple[int, int]:
+    """(jobs that have work, tokens of the longest) for sizing a wgrad's splits.
+
+    ``trainable`` None: one job over all T tokens (shared expert, gate). Else the trainable
+    experts (a bit mask) with tokens: counted exactly when the token counts are known on the
+    host; otherwise (task ids on the device) every trainable expert is assumed to hold an
+    equal share. Sizing from every trainable expert instead would, for a one-task batch,
+    leave E-1 blocks of every column tile idle and the one expert's blocks walking all T
+    tokens unsplit."""
+    if trainable is None:
+        return 1, T
+    if expert_tokens is None:
+        jobs = trainable.bit_count()
+        return jobs, -(-T // max(jobs, 1))
+    active = [n for e, n in enumerate(expert_tokens) if (trainable >> e) & 1 and n > 0]
+    return len(active), max(active, default=0)
 
 
 class _Call:
@@ -148,6 +189,7 @@ class _Call:
         self.stream = torch.cuda.current_stream(x.device).cuda_stream
         _, self.sms = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
         self.token_task = a.token_task.to(torch.int32).contiguous()
+        self.expert_tokens = _expert_tokens(a, self.T, self.E)
         if a.single_task == SINGLE_MIXED:
             self._sorted = a.sorted_idx.to(torch.int32).contiguous()
             self._offsets = a.expert_offsets.to(torch.int32).contiguous()
@@ -163,14 +205,17 @@ class _Call:
         T, E = self.T, self.E
         if a.single_task != SINGLE_MIXED:
             return math.ceil(T / self.tile)
-        if a.offsets_cpu is None:
+        if self.expert_tokens is None:
             return math.ceil(T / self.tile) + E + 1
-        off = [int(v) for v in a.offsets_cpu.tolist()] + [T]
-        return sum(math.ceil((off[g + 1] - off[g]) / self.tile) for g in range(E + 1))
+        sizes = [*self.expert_tokens, T - sum(self.expert_tokens)]  # + the tokens without a task
+        return sum(math.ceil(n / self.tile) for n in sizes)
 
-    def shrink(self, inp: Tensor, K: int, shared: tuple, task: tuple, gate: Optional[Tensor], dropout: tuple) -> tuple[Tensor, int]:
-        """Per-split partials [splits, T, 2r + 2] of the rank-r projections (and gate logits)."""
-        inp, ld = _ld(inp)
+    def shrink(self, rows: tuple[Tensor, int], shared: tuple, task: tuple, gate: Optional[Tensor],
+               dropout: tuple) -> tuple[Tensor, int]:
+        """Per-split partials [splits, T, 2r + 2] of the rank-r projections (and gate logits) of
+        the token matrix ``rows`` = (tensor, row stride) from ``_ld``."""
+        inp, ld = rows
+        K = inp.shape[1]
         blocks = self.tiles * math.ceil(self.r / self.rank_chunk)
         splits = _splits(blocks, K, 256, self.sms)
         partial = torch.empty((splits, self.T, 2 * self.r + 2), dtype=torch.float32, device=inp.device)
@@ -191,23 +236,25 @@ class _Call:
         )
 
     def wgrad(self, out: Tensor, out_strides: tuple[int, int, int], p: Optional[Tensor], rows: int,
-              coef: Optional[Tensor], coef_col: int, scale: float, q: Tensor, dropout: tuple,
+              coef: Optional[Tensor], coef_col: int, scale: float, q_rows: tuple[Tensor, int], dropout: tuple,
               trainable: Optional[int] = None) -> None:
         """out_e[m, c] = sum over the group's tokens of scale coef p[t, m] dropout(q)[t, c].
 
-        ``trainable`` None: one output over all tokens; else a bit mask over the E experts.
+        ``q_rows`` = (q, row stride) from ``_ld``. ``trainable`` None: one output over all
+        tokens; else a bit mask over the E experts.
         """
         if trainable == 0:  # every expert frozen: zero gradients, nothing to compute
             out.zero_()
             return
-        q, ldq = _ld(q)
+        q, ldq = q_rows
         C = q.shape[1]
-        jobs = 1 if trainable is None else trainable.bit_count()
-        blocks = math.ceil(C / self.tile) * math.ceil(rows / self.tile) * jobs
-        splits = _splits(blocks, self.T, 256, self.sms)
+        jobs, length = wgrad_jobs(self.expert_tokens, trainable, self.T)
+        blocks = math.ceil(C / self.tile) * math.ceil(rows / self.tile) * max(jobs, 1)
+        splits = _splits(blocks, length, 256, self.sms) if jobs > 0 else 1
         workspace = None
-        if splits > 1:
-            workspace = torch.empty((jobs * splits * rows * C,), dtype=torch.float32, device=q.device)
+        if splits > 1:  # sized for every trainable expert (the launcher's slot layout)
+            slots = 1 if trainable is None else trainable.bit_count()
+            workspace = torch.empty((slots * splits * rows * C,), dtype=torch.float32, device=q.device)
         self.ext.wgrad(
             dtype=self.dtype, p=_ptr(p), ld_p=rows, rows=rows, coef=_ptr(coef), coef_col=coef_col, scale=scale,
             q=q.data_ptr(), ld_q=ldq, C=C, dropout=dropout, route=self.route, per_expert=trainable is not None,
@@ -255,7 +302,7 @@ class CudaBackend:
             raise RuntimeError(why)
         x = a.x
         T, r, dev = x.shape[0], a.shared_A.shape[0], x.device
-        with torch.cuda.device(dev):
+        with launch.device_guard(dev):
             y = F.linear(x, a.weight, a.bias)
             h_s = torch.empty((T, r), dtype=torch.float32, device=dev)
             h_t = torch.empty((T, r), dtype=torch.float32, device=dev)
@@ -264,7 +311,7 @@ class CudaBackend:
                 return y, h_s, h_t, coef
             c = _Call(ext, a)
             gate = a.gate_weight.contiguous() if a.gate_weight is not None else None
-            partial, splits = c.shrink(x, x.shape[1], _matrix(a.shared_A, 0, 1), _matrix(a.task_A, 1, 2, 0), gate,
+            partial, splits = c.shrink(_ld(x), _matrix(a.shared_A, 0, 1), _matrix(a.task_A, 1, 2, 0), gate,
                                        _dropout(a))
             ext.shrink_forward_finalize(
                 partial=partial.data_ptr(), splits=splits, num_tokens=T, r=r, token_task=c.token_task.data_ptr(),
@@ -288,14 +335,15 @@ class CudaBackend:
         need_dlogits = gate is not None and (need_dgate or a.needs_dx)
         need_dh = a.needs_dx or a.needs_shared or trainable != 0 or need_dgate
         dropout = _dropout(a)
-        with torch.cuda.device(dev):
+        with launch.device_guard(dev):
             c = _Call(ext, a)
+            x_rows, gy_rows = _ld(x), _ld(gy)  # each token matrix copied at most once
             h_s, h_t, coef = _f32(a.h_s), _f32(a.h_t), _f32(a.coef)
             dx = torch.mm(gy, a.weight) if a.needs_dx else None  # base dgrad: grad_y @ W
             dh_s = dh_t = dlogits = None
             if need_dh and T > 0:
-                partial, splits = c.shrink(gy, gy.shape[1], _matrix(a.shared_B, 1, 0), _matrix(a.task_B, 2, 1, 0),
-                                           None, _NO_DROPOUT)
+                partial, splits = c.shrink(gy_rows, _matrix(a.shared_B, 1, 0), _matrix(a.task_B, 2, 1, 0), None,
+                                           _NO_DROPOUT)
                 dh_s = torch.empty((T, r), dtype=torch.float32, device=dev)
                 dh_t = torch.empty((T, r), dtype=torch.float32, device=dev)
                 dlogits = torch.empty((T, 2), dtype=torch.float32, device=dev) if need_dlogits else None
@@ -310,15 +358,17 @@ class CudaBackend:
             dA_s = dB_s = dA = dB = dgate = None
             if a.needs_shared:
                 dB_s = torch.empty(tuple(a.shared_B.shape), dtype=dt, device=dev)  # [d_out, r] = out(m=rank, c=d_out)^T
-                c.wgrad(dB_s, (dB_s.stride(1), dB_s.stride(0), 0), h_s, r, coef, 0, s, gy, _NO_DROPOUT)
+                c.wgrad(dB_s, (dB_s.stride(1), dB_s.stride(0), 0), h_s, r, coef, 0, s, gy_rows, _NO_DROPOUT)
                 dA_s = torch.empty(tuple(a.shared_A.shape), dtype=dt, device=dev)  # [r, d_in]
-                c.wgrad(dA_s, (dA_s.stride(0), dA_s.stride(1), 0), dh_s, r, None, 0, 1.0, x, dropout)
+                c.wgrad(dA_s, (dA_s.stride(0), dA_s.stride(1), 0), dh_s, r, None, 0, 1.0, x_rows, dropout)
             if a.needs_task:
                 dB = torch.empty(tuple(a.task_B.shape), dtype=dt, device=dev)  # [E, d_out, r]
-                c.wgrad(dB, (dB.stride(2), dB.stride(1), dB.stride(0)), h_t, r, coef, 1, s, gy, _NO_DROPOUT, trainable)
+                c.wgrad(dB, (dB.stride(2), dB.stride(1), dB.stride(0)), h_t, r, coef, 1, s, gy_rows, _NO_DROPOUT,
+                        trainable)
                 dA = torch.empty(tuple(a.task_A.shape), dtype=dt, device=dev)  # [E, r, d_in]
-                c.wgrad(dA, (dA.stride(1), dA.stride(2), dA.stride(0)), dh_t, r, None, 0, 1.0, x, dropout, trainable)
+                c.wgrad(dA, (dA.stride(1), dA.stride(2), dA.stride(0)), dh_t, r, None, 0, 1.0, x_rows, dropout,
+                        trainable)
             if need_dgate:
                 dgate = torch.empty((2, x.shape[1]), dtype=dt, device=dev)
-                c.wgrad(dgate, (dgate.stride(0), dgate.stride(1), 0), dlogits, 2, None, 0, 1.0, x, _NO_DROPOUT)
+                c.wgrad(dgate, (dgate.stride(0), dgate.stride(1), 0), dlogits, 2, None, 0, 1.0, x_rows, _NO_DROPOUT)
         return dx, dA_s, dB_s, dA, dB, dgate

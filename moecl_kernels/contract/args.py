@@ -66,7 +66,7 @@ class FwdArgs:
     single_task: int             # >= 0, SINGLE_NONE or SINGLE_MIXED
     scale: float
     dropout_p: float
-    seed: Optional[Tensor]       # 0-d int64, or None without dropout (``contract.dropout``)
+    seed: Optional[Tensor]       # 0-dim int64 on x's device (None: no dropout); kernels read it on the device
 
 
 @dataclass

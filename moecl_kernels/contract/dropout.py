@@ -14,11 +14,21 @@ original order, independent of task grouping) and ``col`` the feature index.
 ``fmix32`` is MurmurHash3's 32-bit finaliser. Kernels implement the same
 arithmetic in uint32 (which wraps); this module does it in int64 with exact
 16-bit split multiplies so it never overflows.
+
+The seed is an integer or, as the op passes it, a 0-dim integer tensor (on x's device,
+drawn there by the layer): it is used as ``seed mod 2**32`` and read by tensor
+arithmetic only, never with ``.item()``, so no host sync happens and a captured CUDA
+graph (or ``torch.compile(mode="reduce-overhead")``) sees a new mask when the seed
+tensor's contents change between replays. The kernels read it from device memory too.
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
+
+Seed = Union[int, torch.Tensor]
 
 MASK32 = 0xFFFFFFFF
 SEED_XOR = 0x5BD1E995
@@ -50,23 +60,35 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def keep_mask(seed: int, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+def _seed_key(seed: Seed, device) -> Union[int, torch.Tensor]:
+    """``(seed mod 2**32) ^ SEED_XOR``: a host int for an int seed, a 0-dim int64 tensor on
+    ``device`` for a tensor seed (tensor arithmetic: no ``.item()``, no host sync)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+            raise ValueError(f"the dropout seed must be one integer, got a {seed.dtype} tensor of shape "
+                             f"{tuple(seed.shape)}")
+        s = seed.reshape(()).to(device=device, dtype=torch.int64)
+        return (s & MASK32) ^ SEED_XOR
+    return (int(seed) & MASK32) ^ SEED_XOR
+
+
+def keep_mask(seed: Seed, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean keep-mask for the broadcast of ``rows[:, None]`` and ``cols[None, :]``."""
-    s = int(seed) & MASK32
+    key = _seed_key(seed, rows.device)
     rows = rows.to(torch.int64)[:, None]
     cols = cols.to(torch.int64)[None, :]
-    k = fmix32(((s ^ SEED_XOR) + _mul32(rows, ROW_MUL)) & MASK32)
+    k = fmix32((key + _mul32(rows, ROW_MUL)) & MASK32)
     h = fmix32(k ^ _mul32(cols, COL_MUL))
     return (h >> 8) >= threshold24(p)
 
 
-def dropout_mask(seed: int, num_rows: int, num_cols: int, p: float, device=None) -> torch.Tensor:
+def dropout_mask(seed: Seed, num_rows: int, num_cols: int, p: float, device=None) -> torch.Tensor:
     rows = torch.arange(num_rows, device=device, dtype=torch.int64)
     cols = torch.arange(num_cols, device=device, dtype=torch.int64)
     return keep_mask(seed, rows, cols, p)
 
 
-def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+def dropout_scale(x: torch.Tensor, p: float, seed: Seed) -> torch.Tensor | None:
     """``keep / (1 - p)`` in x's dtype for a 2-D ``x`` (rows = x's rows), or None when p == 0.
 
     Build it once and multiply every tensor that needs the same mask with it."""
@@ -76,7 +98,7 @@ def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
     return keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
-def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def apply_dropout(x: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """``x * keep / (1 - p)`` for a 2-D ``x`` whose rows are tokens 0..T-1."""
     scale = dropout_scale(x, p, seed)
     return x if scale is None else x * scale

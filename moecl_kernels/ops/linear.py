@@ -27,11 +27,37 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _describe(t) -> str:
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _all_valid(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p) -> bool:
+    """Every check of :func:`validate` as one cheap expression, no message built (the per-call
+    host cost of decoding); False sends the call through the checks that name what is wrong."""
+    try:
+        if not (type(x) is Tensor and x.dim() == 2 and x.dtype in _FLOAT_DTYPES):
+            return False
+        (T, d_in), d_out, r, E = x.shape, weight.shape[0], shared_A.shape[0], task_A.shape[0]
+        dt, dev = x.dtype, x.device
+        for t in (weight, bias, shared_A, shared_B, task_A, task_B, gate_weight):
+            if t is not None and (t.dtype != dt or t.device != dev):
+                return False
+        return (r >= 1 and weight.shape == (d_out, d_in) and shared_A.shape == (r, d_in)
+                and shared_B.shape == (d_out, r) and task_A.shape == (E, r, d_in) and task_B.shape == (E, d_out, r)
+                and (bias is None or bias.shape == (d_out,)) and (gate_weight is None or gate_weight.shape == (2, d_in))
+                and routing.num_tokens == T and routing.num_tasks == E and routing.token_task.device == dev
+                and 0.0 <= dropout_p < 1.0)
+    except Exception:  # not tensors, say: the checks below say what
+        return False
+
+
 def validate(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], shared_A: Tensor, shared_B: Tensor, task_A: Tensor,
     task_B: Tensor, gate_weight: Optional[Tensor], routing: Routing, dropout_p: float,
 ) -> None:
     """Shape/dtype/device checks; every error names the offending argument."""
+    if _all_valid(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p):
+        return
     _check(isinstance(x, Tensor) and x.dim() == 2, f"x must be a 2-D [tokens, d_in] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     _check(x.dtype in _FLOAT_DTYPES, f"x has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64")
     T, d_in = x.shape
@@ -66,6 +92,21 @@ def validate(
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _needs_custom_op(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """The call must go through ``moecl::moe_lora_fwd``: autograd will differentiate it, a
+    compiler or a dispatch mode (fake tensors, FlopCounterMode, ...) is watching, or x is a
+    tensor subclass."""
+    if type(x) is not Tensor or torch.compiler.is_compiling() or _dispatch_mode_active():
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+def _dispatch_mode_active() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def moe_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -86,14 +127,24 @@ def moe_lora_linear(
 ) -> Tensor:
     """y = x W^T + b + gated shared LoRA + gated routed task LoRA (docs/spec.md, "The linear op"), for x [T, d_in]."""
     validate(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError("seed is required when dropout_p > 0 (a 0-dim int64 CPU tensor)")
+    if dropout_p > 0.0:
+        _check(seed is not None, "seed is required when dropout_p > 0 (a 0-dim int64 tensor on x's device)")
+        _check(isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point()
+               and not seed.is_complex() and seed.dtype != torch.bool,
+               f"seed must be a 0-dim integer tensor (int64, on x's device), got {_describe(seed)}")
+        if seed.device != x.device:  # a host seed costs a copy per call; draw it on x's device instead
+            seed = seed.to(x.device)
     name = _bk.choose_backend(backend, x, shared_A.shape[0], task_A.shape[0])
     a = FwdArgs(x=x, weight=weight, bias=bias, shared_A=shared_A, shared_B=shared_B, task_A=task_A, task_B=task_B,
                 gate_weight=gate_weight, token_task=routing.token_task, sorted_idx=routing.sorted_idx,
                 expert_offsets=routing.expert_offsets, offsets_cpu=routing.offsets_cpu,
                 single_task=routing.single_task, scale=float(scale), dropout_p=float(dropout_p),
                 seed=seed if dropout_p > 0.0 else None)
+    if not _needs_custom_op(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight):
+        # eager inference (decode): nothing to differentiate, nothing to trace -- call the
+        # backend directly and skip the custom op's dispatch (tens of microseconds a call)
+        y, _, _, _ = _bk.backend(name).forward(a)
+        return y
     opts = OpOptions(expert_trainable=list(expert_trainable) if expert_trainable is not None else [],
                      deterministic=bool(deterministic), backend=name)
     y, _, _, _ = moe_lora_fwd(*astuple_shallow(a), *astuple_shallow(opts))

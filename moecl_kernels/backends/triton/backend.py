@@ -9,61 +9,76 @@ Forward (3 launches; +1 with split-K):
   decode batches (T <= 64), whose per-expert token blocks would each stream all of W.
 Decode (T <= 64): the shrink splits K across programs (fp32 partials + a finalize
 kernel) so that a handful of tokens still spreads the weight reads over the SMs.
-Backward:
+Backward (7 launches; +1 with split-K):
     shrink(gy) -> dh_s, dh_t, dlogits    gy read once for both experts
     expand     -> dx = keep*(dh_s A_s + dh_t A_t)/(1-p) + dlog W_g, then dx.addmm_(gy, W)
                   (or fused, as in the forward)
     wgrad(x)   -> dA_s, dA_t (trainable experts only), dW_g       x read once
     wgrad(gy)  -> dB_s, dB_t (trainable experts only)             gy read once
-    (+ reduce kernels with ``deterministic=True``; atomics otherwise)
+    each wgrad + one reduce launch that writes all its gradients in their final dtype
+    (zeros for frozen experts and experts without tokens): no zero-fill or cast launches.
+The reductions are always in a fixed order (no atomics), so ``deterministic=True`` costs
+nothing here and results are bitwise reproducible.
 
-Which expand wins -- cuBLAS accumulate (its epilogue reads the LoRA term: one extra
-T x d_out read hidden under a compute-bound GEMM, but one extra T x d_out write by the
-expand) or the fused Triton GEMM (no extra pass, but a Triton GEMM against cuBLAS) -- is
-for the GPU measurement to decide (benchmarks/NOTES.md has the predictions); no GPU was
-available when this was written. Select with ``MOECL_TRITON_EXPAND=addmm|fused``
-(default ``addmm``) or ``TritonBackend(expand=...)``.
+``expand``: ``addmm`` (default) or ``fused``, by ``MOECL_TRITON_EXPAND`` or
+``TritonBackend(expand=...)``; which wins is for the GPU benchmark to decide (both are
+providers of ``benchmarks/bench_op.py``; design notes and predictions in
+``benchmarks/NOTES.md``).
+
+Inputs may have any strides (x, grad_y and the weights are read through their strides,
+with int64 addressing: no copy); outputs are fresh contiguous tensors.
 
 No host syncs: routing runs on the device (``kernels._block_of``), the grids are sized
-from host-side shapes only, and ``single_task`` is a host hint. Everything is CUDA-graph
-capturable once warmed up: kernels compiled (and, if enabled, autotuned) and the device
-copy of each ``expert_trainable`` pattern cached (its first use copies it to the device).
+from host-side shapes only, ``single_task`` is a host hint and the dropout seed is read by
+the kernels from device memory. Every launch runs under ``torch.cuda.device(x.device)``
+(``launch.device_guard``). Everything is CUDA-graph capturable once warmed up: kernels
+compiled (and, if enabled, autotuned) and the device copy of each ``expert_trainable``
+pattern cached (its first use copies it to the device).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from ...contract.dropout import threshold24
+from .. import launch
 from ...contract import SINGLE_MIXED, BwdArgs, FwdArgs, acc_dtype
-from ...contract.dropout import MASK32, SEED_XOR, threshold24
 from . import configs
-from . import kernels as K
+from . import kernels
 from .configs import Tile, TileTable
 
 EXPAND_ENV = "MOECL_TRITON_EXPAND"
 EXPAND_MODES = ("addmm", "fused")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton picks the interpreter when a kernel is *defined*; record how ours were built.
-INTERPRETED = isinstance(K._shrink_kernel, InterpretedFunction)
+INTERPRETED = isinstance(kernels._shrink_kernel, InterpretedFunction)
+
+_REDUCE_BLOCK = 1024  # elements per program of the wgrad reduction
+ROUTE_SINGLE, ROUTE_GROUPED = kernels.ROUTE_SINGLE.value, kernels.ROUTE_GROUPED.value
+MODE_FWD, MODE_BWD = kernels.MODE_FWD.value, kernels.MODE_BWD.value
 
 
 def _pow2(n: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    """max(lo, next power of two >= n) (plain Python: ``triton.next_power_of_2`` costs
+    microseconds per host call)."""
+    return max(lo, 1 << (n - 1).bit_length()) if n > 1 else lo
 
 
-@dataclass
-class _Route:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Route(NamedTuple):
     """Host-side description of the routing: which kernel path and the grid sizes."""
 
-    mode: int  # K.ROUTE_SINGLE or K.ROUTE_GROUPED
+    mode: int  # ROUTE_SINGLE or ROUTE_GROUPED
     single: int  # ROUTE_SINGLE: the expert of every token, or -1 (no token has a task)
     task: bool  # some token may have a task expert
     token_task: Tensor
@@ -74,16 +89,17 @@ class _Route:
 
     @classmethod
     def of(cls, a: FwdArgs) -> "_Route":
-        T, E = a.x.shape[0], a.task_A.shape[0]
-        tensors = (a.token_task, a.sorted_idx, a.expert_offsets, T, E)
-        if a.single_task == SINGLE_MIXED:
-            return cls(K.ROUTE_GROUPED.value, -1, True, *tensors)
-        return cls(K.ROUTE_SINGLE.value, a.single_task, a.single_task >= 0, *tensors)
+        T, E, st = a.x.shape[0], a.task_A.shape[0], a.single_task
+        if not SINGLE_MIXED <= st < E:  # an expert index the kernels would read weights at
+            raise ValueError(f"single_task={st} is outside [-2, {E - 1}] (num_tasks={E}; -1 = no task, -2 = mixed)")
+        if st == SINGLE_MIXED:
+            return cls(ROUTE_GROUPED, -1, True, a.token_task, a.sorted_idx, a.expert_offsets, T, E)
+        return cls(ROUTE_SINGLE, st, st >= 0, a.token_task, a.sorted_idx, a.expert_offsets, T, E)
 
     def blocks(self, block: int) -> int:
         """Programs along the token axis: exact for one expert, the worst case when grouped."""
-        n = triton.cdiv(self.T, block)
-        return n if self.mode == K.ROUTE_SINGLE.value else n + self.E + 1
+        n = _cdiv(self.T, block)
+        return n if self.mode == ROUTE_SINGLE else n + self.E + 1
 
     @property
     def g_pad(self) -> int:
@@ -93,25 +109,27 @@ class _Route:
         return self.sorted_idx, self.offsets, self.single, self.T, self.E
 
 
-@dataclass
-class _Dropout:
+class _Dropout(NamedTuple):
+    """The kernels' dropout arguments: the seed tensor (read on the device), the keep
+    threshold and 1 / (1 - p). Disabled: any pointer stands in for the seed (never read)."""
+
     enabled: bool
-    seed: int  # (seed ^ SEED_XOR) mod 2**32 as a signed int32, so the kernel signature never changes
+    seed: Optional[Tensor]
     thr: int
     inv_keep: float
 
     @classmethod
     def of(cls, a: FwdArgs) -> "_Dropout":
-        if a.dropout_p == 0.0:
-            return cls(False, 0, 0, 1.0)
-        s = ((int(a.seed) & MASK32) ^ SEED_XOR) & MASK32
-        return cls(True, s - (1 << 32) if s >= (1 << 31) else s, threshold24(a.dropout_p), 1.0 / (1.0 - a.dropout_p))
+        seed = launch.kernel_seed(a)
+        if seed is None:
+            return _NO_DROPOUT
+        return cls(True, seed, threshold24(a.dropout_p), 1.0 / (1.0 - a.dropout_p))
 
-    def args(self) -> tuple:
-        return self.seed, self.thr, self.inv_keep
+    def args(self, placeholder: Tensor) -> tuple:
+        return (self.seed if self.enabled else placeholder), self.thr, self.inv_keep
 
 
-_NO_DROPOUT = _Dropout(False, 0, 0, 1.0)
+_NO_DROPOUT = _Dropout(False, None, 0, 1.0)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -123,22 +141,43 @@ def _split_k(tile: Tile, n_blocks: int, K_: int, device: torch.device) -> int:
     """split_k == 0: split the reduction until about one program per SM (decode / small T),
     keeping at least two K tiles per split; rounded down to a power of two."""
     if tile.split_k > 0:
-        return max(1, min(tile.split_k, triton.cdiv(K_, tile.block_k)))
+        return max(1, min(tile.split_k, _cdiv(K_, tile.block_k)))
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device)
-    s = max(1, min(sms // max(n_blocks, 1), K_ // (2 * tile.block_k)))
+    s = max(1, min(configs.sm_count(device) // max(n_blocks, 1), K_ // (2 * tile.block_k)))
     return 1 << (s.bit_length() - 1)
 
 
-_SMS: dict = {}
+def _k_by_r(w: Tensor, transposed: bool) -> tuple:
+    """A shrink operand as a [K, r] matrix: (w, stride along K, stride along r). ``w`` is
+    [r, K] (an A matrix: ``transposed``) or [K, r] (a B matrix)."""
+    s = w.stride()
+    return (w, s[1], s[0]) if transposed else (w, s[0], s[1])
 
 
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+def _stack_k_by_r(w: Tensor, transposed: bool) -> tuple:
+    """The same for the stacked task experts [E, ...]: (w, expert stride, K stride, r stride)."""
+    s = w.stride()
+    return (w, s[0], s[2], s[1]) if transposed else (w, s[0], s[1], s[2])
+
+
+class _ShrinkPlan(NamedTuple):
+    grid: tuple
+    split: int
+    k_per_split: int
+    R_PAD: int
+    meta: dict
+    finalize_grid: tuple
+    finalize_meta: dict
+
+
+class _ExpandPlan(NamedTuple):
+    grid: tuple
+    grid_t: int
+    meta: dict
+
+
+_MAX_PLANS = 4096  # cached launch plans per backend (one per stage and shape); cleared when full
 
 
 def _rank_view(t: Tensor, transposed: bool) -> Tensor:
@@ -162,6 +201,7 @@ class TritonBackend:
         self.expand = mode
         self.tiles = TileTable(tiles)
         self._train_idx: dict = {}
+        self._plans: dict = {}  # launch geometry and constexprs per (stage, device, shape, flags)
         self._lock = threading.Lock()
 
     def unavailable_reason(self, x: Tensor) -> Optional[str]:
@@ -186,26 +226,26 @@ class TritonBackend:
     def forward(self, a: FwdArgs):
         x = a.x
         T, r, d_out = x.shape[0], a.shared_A.shape[0], a.weight.shape[0]
-        acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
+        dev, acc = x.device, acc_dtype(x.dtype)
         route, drop = _Route.of(a), _Dropout.of(a)
-        h_s, h_t, coef = x.new_empty((T, r), **acc), x.new_empty((T, r), **acc), x.new_empty((T, 2), **acc)
-        A_s, tA, Wg = a.shared_A, a.task_A, a.gate_weight
-        self._shrink(
-            K.MODE_FWD.value, route, drop, x,
-            (A_s, A_s.stride(1), A_s.stride(0)), (tA, tA.stride(0), tA.stride(2), tA.stride(1)),
-            (Wg, Wg.stride(0), Wg.stride(1)) if Wg is not None else None,
-            (h_s, h_t, coef, h_s, h_t, coef), r, a.scale, gate=Wg is not None,
-        )
-        y = x.new_empty((T, d_out))
-        W, B_s, tB = a.weight, a.shared_B, a.task_B
-        fused = self._fuse_base(route)
-        self._expand(
-            y, route, _NO_DROPOUT, (h_s, h_t), coef,
-            (B_s, B_s.stride(1), B_s.stride(0)), (tB, tB.stride(0), tB.stride(2), tB.stride(1)),
-            bias=a.bias, gate_term=None, base=(x, W, W.stride(1), W.stride(0)) if fused else None, scale=a.scale,
-        )
-        if not fused:
-            y.addmm_(x, W.t())
+        with launch.device_guard(dev):
+            h_s, h_t = torch.empty((T, r), dtype=acc, device=dev), torch.empty((T, r), dtype=acc, device=dev)
+            coef = torch.empty((T, 2), dtype=acc, device=dev)
+            gate_w = a.gate_weight
+            self._shrink(
+                MODE_FWD, route, drop, x, _k_by_r(a.shared_A, True), _stack_k_by_r(a.task_A, True),
+                (gate_w, *gate_w.stride()) if gate_w is not None else None,
+                (h_s, h_t, coef, h_s, h_t, coef), r, a.scale, gate=gate_w is not None,
+            )
+            y = torch.empty((T, d_out), dtype=x.dtype, device=dev)
+            W = a.weight
+            fused = self._fuse_base(route)
+            self._expand(
+                y, route, _NO_DROPOUT, (h_s, h_t), coef, _k_by_r(a.shared_B, True), _stack_k_by_r(a.task_B, True),
+                bias=a.bias, gate_term=None, base=(x, W, W.stride(1), W.stride(0)) if fused else None, scale=a.scale,
+            )
+            if not fused:
+                y.addmm_(x, W.t())
         return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
@@ -213,52 +253,44 @@ class TritonBackend:
         T, r, E = x.shape[0], a.shared_A.shape[0], a.task_A.shape[0]
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         route, drop = _Route.of(a), _Dropout.of(a)
-        h_s, h_t, coef = a.h_s.contiguous(), a.h_t.contiguous(), a.coef.contiguous()
         gate = a.gate_weight is not None
-        trainable = [e for e in range(E) if a.trainable(e)]
+        train = [e for e in range(E) if a.trainable(e)] if route.task else []
         need_gate = gate and a.needs_gate
         # The logit gradients feed dx (the gate sees x) as well as dW_g.
         need_dlog = gate and (a.needs_gate or a.needs_dx)
-
-        dh_s, dh_t = x.new_empty((T, r), **acc), x.new_empty((T, r), **acc)
-        dlog = x.new_empty((T, 2), **acc) if need_dlog else None
-        B_s, tB = a.shared_B, a.task_B
-        self._shrink(
-            K.MODE_BWD.value, route, _NO_DROPOUT, gy,
-            (B_s, B_s.stride(0), B_s.stride(1)), (tB, tB.stride(0), tB.stride(1), tB.stride(2)),
-            None, (h_s, h_t, coef, dh_s, dh_t, dlog if need_dlog else dh_s), r, a.scale, gate=need_dlog,
-        )
-
-        dx = None
-        if a.needs_dx:
-            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            A_s, tA, Wg = a.shared_A, a.task_A, a.gate_weight
-            fused = self._fuse_base(route)
-            self._expand(
-                dx, route, drop, (dh_s, dh_t), None,
-                (A_s, A_s.stride(0), A_s.stride(1)), (tA, tA.stride(0), tA.stride(1), tA.stride(2)),
-                bias=None, gate_term=(dlog, Wg) if need_dlog else None,
-                base=(gy, W, W.stride(0), W.stride(1)) if fused else None, scale=1.0,
+        with launch.device_guard(x.device):
+            h_s, h_t, coef = a.h_s.contiguous(), a.h_t.contiguous(), a.coef.contiguous()
+            dh_s, dh_t = x.new_empty((T, r), **acc), x.new_empty((T, r), **acc)
+            dlog = x.new_empty((T, 2), **acc) if need_dlog else None
+            self._shrink(
+                MODE_BWD, route, _NO_DROPOUT, gy, _k_by_r(a.shared_B, False), _stack_k_by_r(a.task_B, False),
+                None, (h_s, h_t, coef, dh_s, dh_t, dlog if need_dlog else dh_s), r, a.scale, gate=need_dlog,
             )
-            if not fused:
-                dx.addmm_(gy, W)
 
-        train = trainable if route.task else []
-        dA_s = dB_s = dA = dB = dgate = None
-        if a.needs_shared or train or need_gate:
-            dA_s, dA, dgate = self._wgrad(
-                route, drop, x, (dh_s, dh_t), None, dlog if need_gate else None, a.needs_shared, train, a.scale,
-                shared_like=a.shared_A, task_like=a.task_A, gate_like=a.gate_weight, transposed=False,
-                deterministic=a.deterministic,
-            )
-        if a.needs_shared or train:
-            dB_s, dB, _ = self._wgrad(
-                route, _NO_DROPOUT, gy, (h_s, h_t), coef, None, a.needs_shared, train, a.scale,
-                shared_like=a.shared_B, task_like=a.task_B, gate_like=None, transposed=True,
-                deterministic=a.deterministic,
-            )
-        if a.needs_task and dA is None:  # no trainable expert has tokens here: zero gradients
-            dA, dB = torch.zeros_like(a.task_A), torch.zeros_like(a.task_B)
+            dx = None
+            if a.needs_dx:
+                dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+                fused = self._fuse_base(route)
+                self._expand(
+                    dx, route, drop, (dh_s, dh_t), None, _k_by_r(a.shared_A, False), _stack_k_by_r(a.task_A, False),
+                    bias=None, gate_term=(dlog, a.gate_weight) if need_dlog else None,
+                    base=(gy, W, W.stride(0), W.stride(1)) if fused else None, scale=1.0,
+                )
+                if not fused:
+                    dx.addmm_(gy, W)
+
+            dA_s = dB_s = dA = dB = dgate = None
+            if a.needs_shared or a.needs_task or need_gate:
+                dA_s, dA, dgate = self._wgrad(
+                    route, drop, x, (dh_s, dh_t), None, dlog if need_gate else None, a.needs_shared, a.needs_task,
+                    train, a.scale, shared_like=a.shared_A, task_like=a.task_A, gate_like=a.gate_weight,
+                    transposed=False,
+                )
+            if a.needs_shared or a.needs_task:
+                dB_s, dB, _ = self._wgrad(
+                    route, _NO_DROPOUT, gy, (h_s, h_t), coef, None, a.needs_shared, a.needs_task, train, a.scale,
+                    shared_like=a.shared_B, task_like=a.task_B, gate_like=None, transposed=True,
+                )
         return dx, dA_s, dB_s, dA, dB, dgate
 
     # -----------------------------------------------------------------------------------------
@@ -268,163 +300,167 @@ class TritonBackend:
         """Run the base GEMM inside the expand kernel? Only in ``fused`` mode, and never for
         grouped decode batches: their token blocks are per expert, so a fused base GEMM would
         stream W once per expert present where cuBLAS streams it once."""
-        return self.expand == "fused" and (route.mode == K.ROUTE_SINGLE.value or route.T > configs.DECODE_T)
+        return self.expand == "fused" and (route.mode == ROUTE_SINGLE or route.T > configs.DECODE_T)
 
-    def _shrink(self, mode, route: _Route, drop: _Dropout, X: Tensor, ms, mt, gw, outs, r: int, scale: float, *,
-                gate: bool):
-        """X [T, K] times (ms, mt[expert]) and, forward with ``gw``, the gate weight; then the
-        MODE epilogue into ``outs`` = (H_S, H_T, COEF, DH_S, DH_T, DLOG) (+ finalize if split)."""
+    def _plan(self, key: tuple, make):
+        """The cached launch plan of ``key``, made by ``make()`` on first use."""
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = make()
+        return plan
+
+    def _shrink(self, mode: int, route: _Route, drop: _Dropout, X: Tensor, shared_w: tuple, task_w: tuple,
+                gate_w: Optional[tuple], outputs: tuple, r: int, scale: float, *, gate: bool):
+        """X [T, K] times ``shared_w`` and ``task_w[expert]`` ([K, r] views, ``_k_by_r``) and, in
+        the forward with ``gate_w`` = (W_g, stride_j, stride_k), the gate weight; then the mode's
+        epilogue into ``outputs`` = (H_S, H_T, COEF, DH_S, DH_T, DLOG) (+ finalize if split)."""
         T, Kd = X.shape
         if T == 0:
             return
-        R_PAD = _pow2(r, 16)
-        key = (X.dtype, route.mode, triton.next_power_of_2(T), Kd, R_PAD, mode, gate, drop.enabled)
+        dev = X.device
 
-        def run(tile: Tile):
+        def plan_of(tile: Tile) -> _ShrinkPlan:
+            R_PAD = _pow2(r, 16)
             n_blocks = route.blocks(tile.block_t)
-            split = _split_k(tile, n_blocks, Kd, X.device)
-            k_per_split = triton.cdiv(triton.cdiv(Kd, split), tile.block_k) * tile.block_k
-            ws = X.new_empty((split, T, 2 * R_PAD + 2), dtype=torch.float32) if split > 1 else outs[0]
-            g = gw if gw is not None else (X, 0, 0)
-            K._shrink_kernel[(n_blocks, split)](
-                X, X.stride(0), X.stride(1), *ms, *mt, *g, *outs, ws,
-                *route.args(), Kd, r, k_per_split, scale, *drop.args(),
-                MODE=mode, ROUTE=route.mode, TASK=route.task, GATE=gate, DROPOUT=drop.enabled,
-                PARTIAL=split > 1, BLOCK_T=tile.block_t, BLOCK_K=tile.block_k, R_PAD=R_PAD, G_PAD=route.g_pad,
-                PREC=_prec(X.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+            split = _split_k(tile, n_blocks, Kd, dev)
+            meta = dict(MODE=mode, ROUTE=route.mode, TASK=route.task, GATE=gate, DROPOUT=drop.enabled,
+                        PARTIAL=split > 1, BLOCK_T=tile.block_t, BLOCK_K=tile.block_k, R_PAD=R_PAD,
+                        G_PAD=route.g_pad, PREC=_prec(X.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages)
+            return _ShrinkPlan((n_blocks, split), split, _cdiv(_cdiv(Kd, split), tile.block_k) * tile.block_k, R_PAD,
+                               meta, (_cdiv(T, tile.block_t),),
+                               dict(MODE=mode, GATE=gate, BLOCK_T=tile.block_t, R_PAD=R_PAD))
+
+        def run(plan: _ShrinkPlan):
+            ws = (torch.empty((plan.split, T, 2 * plan.R_PAD + 2), dtype=torch.float32, device=dev)
+                  if plan.split > 1 else outputs[0])
+            kernels._shrink_kernel[plan.grid](
+                X, *X.stride(), *shared_w, *task_w, *(gate_w or (X, 0, 0)), *outputs, ws,
+                *route.args(), Kd, r, plan.k_per_split, scale, *drop.args(X), **plan.meta,
             )
-            if split > 1:
-                K._shrink_finalize_kernel[(triton.cdiv(T, tile.block_t),)](
-                    ws, route.token_task, *outs, T, r, scale, split,
-                    MODE=mode, GATE=gate, BLOCK_T=tile.block_t, R_PAD=R_PAD,
-                )
+            if plan.split > 1:
+                kernels._shrink_finalize_kernel[plan.finalize_grid](
+                    ws, route.token_task, *outputs, T, r, scale, plan.split, **plan.finalize_meta)
 
-        run(self.tiles.pick("shrink", X.device, T, r, key, run))
+        def make() -> _ShrinkPlan:
+            key = (X.dtype, route.mode, _pow2(T, 1), Kd, _pow2(r, 16), mode, gate, drop.enabled)
+            return plan_of(self.tiles.pick("shrink", dev, T, r, key, lambda tile: run(plan_of(tile))))
 
-    def _expand(self, out: Tensor, route: _Route, drop: _Dropout, p, coef: Optional[Tensor], ns, nt, *,
-                bias: Optional[Tensor], gate_term, base, scale: float):
-        """out = keep?(P_s N_s + P_t N_t) (+ dlog W_g) (+ bias) (+ X WB, the base GEMM).
+        run(self._plan(("shrink", dev, X.dtype, route.mode, route.task, route.E, T, Kd, r, mode, gate,
+                        drop.enabled), make))
 
-        ``coef`` given: P rows are scaled by ``scale * coef`` (forward). ``gate_term`` =
-        (dlog, W_g); ``base`` = (X, WB, stride_k, stride_n) of the base GEMM to fuse, or None."""
+    def _expand(self, out: Tensor, route: _Route, drop: _Dropout, rank_in: tuple, coef: Optional[Tensor],
+                shared_w: tuple, task_w: tuple, *, bias: Optional[Tensor], gate_term, base, scale: float):
+        """out = keep?(P_s N_s + P_t N_t[expert]) (+ dlog W_g) (+ bias) (+ X WB, the base GEMM).
+
+        ``rank_in`` = (P_s, P_t) [T, r] fp32; ``shared_w``/``task_w`` the [r, N] weight views
+        (``_k_by_r`` layout, K = r). ``coef`` given: P rows are scaled by ``scale * coef``
+        (forward). ``gate_term`` = (dlog, W_g); ``base`` = (X, WB, stride_k, stride_n) of the
+        base GEMM to fuse, or None."""
         T, N = out.shape
         if T == 0:
             return
-        r = p[0].shape[1]
-        R_PAD = _pow2(r, 16)
+        p_s, p_t = rank_in
+        r = p_s.shape[1]
         fused = base is not None
-        X, WB, s_wk, s_wn = base if fused else (p[0], p[0], 0, 0)
+        X, WB, s_wk, s_wn = base if fused else (p_s, p_s, 0, 0)
         Kd = X.shape[1]
-        dlog, gw = gate_term if gate_term is not None else (p[0], None)
-        gw_args = (gw, gw.stride(0), gw.stride(1)) if gw is not None else (p[0], 0, 0)
+        dlog, gate_w = gate_term if gate_term is not None else (p_s, None)
+        gate_args = (gate_w, *gate_w.stride()) if gate_w is not None else (p_s, 0, 0)
         kernel = "fused" if fused else "expand"
-        key = (out.dtype, route.mode, triton.next_power_of_2(T), N, Kd if fused else 0, R_PAD,
-               gate_term is not None, drop.enabled)
+        flags = (coef is not None, drop.enabled, gate_term is not None, bias is not None)
 
-        def run(tile: Tile):
+        def plan_of(tile: Tile) -> _ExpandPlan:
             grid_t = route.blocks(tile.block_t)
-            grid = (grid_t * triton.cdiv(N, tile.block_n),)
-            K._expand_kernel[grid](
-                out, out.stride(0), out.stride(1), p[0], p[1], coef if coef is not None else p[0],
-                *ns, *nt, bias if bias is not None else out, dlog, *gw_args,
-                X, X.stride(0), X.stride(1), WB, s_wk, s_wn,
-                *route.args(), N, Kd, r, grid_t, scale, *drop.args(),
-                ROUTE=route.mode, TASK=route.task, ROW_SCALE=coef is not None, DROPOUT=drop.enabled,
-                GATE_TERM=gate_term is not None, HAS_BIAS=bias is not None, FUSED_BASE=fused,
-                BLOCK_T=tile.block_t, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP=tile.group,
-                R_PAD=R_PAD, G_PAD=route.g_pad, PREC=_prec(out.dtype),
-                num_warps=tile.num_warps, num_stages=tile.num_stages,
+            meta = dict(ROUTE=route.mode, TASK=route.task, ROW_SCALE=flags[0], DROPOUT=flags[1], GATE_TERM=flags[2],
+                        HAS_BIAS=flags[3], FUSED_BASE=fused, BLOCK_T=tile.block_t, BLOCK_N=tile.block_n,
+                        BLOCK_K=tile.block_k, GROUP=tile.group, R_PAD=_pow2(r, 16), G_PAD=route.g_pad,
+                        PREC=_prec(out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages)
+            return _ExpandPlan((grid_t * _cdiv(N, tile.block_n),), grid_t, meta)
+
+        def run(plan: _ExpandPlan):
+            kernels._expand_kernel[plan.grid](
+                out, *out.stride(), p_s, p_t, coef if coef is not None else p_s,
+                *shared_w, *task_w, bias if bias is not None else out, dlog, *gate_args,
+                X, *X.stride(), WB, s_wk, s_wn,
+                *route.args(), N, Kd, r, plan.grid_t, scale, *drop.args(out), **plan.meta,
             )
 
-        run(self.tiles.pick(kernel, out.device, T, r, key, run))
+        def make() -> _ExpandPlan:
+            key = (out.dtype, route.mode, _pow2(T, 1), N, Kd if fused else 0, _pow2(r, 16), flags[2], flags[1])
+            return plan_of(self.tiles.pick(kernel, out.device, T, r, key, lambda tile: run(plan_of(tile))))
 
-    def _wgrad(self, route: _Route, drop: _Dropout, Z: Tensor, p, coef: Optional[Tensor], dlog: Optional[Tensor],
-               do_shared: bool, train: list, scale: float, *, shared_like: Tensor, task_like: Tensor,
-               gate_like: Optional[Tensor], transposed: bool, deterministic: bool):
-        """(shared grad, stacked task grads, gate grad) = per-expert reductions P^T Z~ over tokens.
+        run(self._plan((kernel, out.device, out.dtype, route.mode, route.task, route.E, T, N, Kd, r, *flags), make))
+
+    def _wgrad(self, route: _Route, drop: _Dropout, Z: Tensor, rank_in: tuple, coef: Optional[Tensor],
+               dlog: Optional[Tensor], out_shared: bool, out_task: bool, train: list, scale: float, *,
+               shared_like: Tensor, task_like: Tensor, gate_like: Optional[Tensor], transposed: bool):
+        """(shared grad, stacked task grads, gate grad): per-expert reductions P^T Z~ over tokens.
 
         Gradients are shaped like ``shared_like`` / ``task_like`` / ``gate_like`` ([r, N] or,
-        ``transposed``, [N, r]); each is None when not computed (no ``do_shared``, empty
-        ``train`` -- the trainable experts --, no ``dlog``)."""
+        ``transposed``, [N, r]) in their dtype; each is None when not wanted (``out_shared``,
+        ``out_task``, ``dlog``). ``train`` lists the trainable experts with possible tokens:
+        only those are computed; the other experts' gradients are written as zeros."""
         T, N = Z.shape
-        r = p[0].shape[1]
+        p_s, p_t = rank_in
+        r = p_s.shape[1]
         R_PAD = _pow2(r, 16)
-        dev, dt = Z.device, Z.dtype
-        do_task, do_gate = bool(train), dlog is not None
-        slot_of, experts = self._train_index(train, route.E, dev)
-        key = (dt, route.mode, triton.next_power_of_2(max(T, 1)), N, R_PAD, do_shared, do_task, do_gate,
-               drop.enabled, deterministic)
+        dev = Z.device
+        do_task, do_gate = bool(train) and out_task, dlog is not None
+        slot_of = self._train_index(train if do_task else [], route.E, dev)
+        outs = [torch.empty(like.shape, dtype=like.dtype, device=dev) if on else None
+                for on, like in ((out_shared, shared_like), (out_task, task_like), (do_gate, gate_like))]
+        key = (Z.dtype, route.mode, _pow2(max(T, 1), 1), N, R_PAD, out_shared, do_task, do_gate, drop.enabled)
 
         def run(tile: Tile):
             n_slots = route.blocks(tile.chunk)
-            if deterministic:  # fp32 tile per (chunk, output), summed in a fixed order below
-                bufs = [Z.new_empty((n_slots, rows, N), dtype=torch.float32) if on else None
-                        for on, rows in ((do_shared, r), (do_task, r), (do_gate, 2))]
-                views = bufs
-            else:  # fp32 accumulators laid out like the gradients, atomically added into
-                bufs = [torch.zeros(shape, dtype=torch.float32, device=dev) if on else None
-                        for on, shape in ((do_shared, shared_like.shape), (do_task, (len(train), *task_like.shape[1:])),
-                                          (do_gate, (2, N)))]
-                views = [_rank_view(b, transposed and i < 2) if b is not None else None for i, b in enumerate(bufs)]
-            dummy = p[0]
-            vs, vt, vg = (v if v is not None else dummy for v in views)
-            st_s = (vs.stride(-2), vs.stride(-1))
-            st_t = (vt.stride(0) if vt.dim() == 3 else 0, vt.stride(-2), vt.stride(-1))
-            st_g = (vg.stride(-2), vg.stride(-1))
-            if T > 0:
-                K._wgrad_kernel[(n_slots, triton.cdiv(N, tile.block_n))](
-                    Z, Z.stride(0), Z.stride(1), p[0], p[1], coef if coef is not None else dummy,
-                    dlog if do_gate else dummy, vs, *st_s, vt, *st_t, vg, *st_g, slot_of,
-                    *route.args(), N, r, scale, *drop.args(),
-                    ROUTE=route.mode, DO_SHARED=do_shared, DO_TASK=do_task, DO_GATE=do_gate,
+            # fp32 partials per chunk: rows [0, r) shared, [r, 2r) task, [2r, 2r + 2) gate
+            row_t, row_g = r * out_shared, r * (out_shared + do_task)
+            rows = row_g + 2 * do_gate
+            ws = Z.new_empty((max(n_slots, 1), max(rows, 1), N), dtype=torch.float32)
+            ws_s, ws_t, ws_g = ws, ws[:, row_t:], ws[:, row_g:]
+            if T > 0 and (out_shared or do_task or do_gate):
+                kernels._wgrad_kernel[(n_slots, _cdiv(N, tile.block_n))](
+                    Z, Z.stride(0), Z.stride(1), p_s, p_t, coef if coef is not None else p_s,
+                    dlog if do_gate else p_s, ws_s, ws_t, ws_g, ws.stride(0), slot_of,
+                    *route.args(), N, r, scale, *drop.args(Z),
+                    ROUTE=route.mode, DO_SHARED=out_shared, DO_TASK=do_task, DO_GATE=do_gate,
                     ROW_SCALE=coef is not None, DROPOUT=drop.enabled,
-                    STORE=(K.STORE_SLOTS if deterministic else K.STORE_ATOMIC).value,
                     CHUNK=tile.chunk, BLOCK_T=tile.block_t, BLOCK_N=tile.block_n, R_PAD=R_PAD, G_PAD=route.g_pad,
-                    PREC=_prec(dt), num_warps=tile.num_warps, num_stages=tile.num_stages,
+                    PREC=_prec(Z.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
                 )
-            if deterministic:
-                reduce = self._reduce
-                return (reduce(bufs[0], shared_like, transposed, route, tile, n_slots, slot_of, False)
-                        if do_shared else None,
-                        reduce(bufs[1], task_like, transposed, route, tile, n_slots, slot_of, True)
-                        if do_task else None,
-                        reduce(bufs[2], gate_like, False, route, tile, n_slots, slot_of, False) if do_gate else None)
-            g_t = None
-            if do_task:
-                if len(train) == route.E:
-                    g_t = bufs[1].to(dt)
-                else:
-                    g_t = torch.zeros_like(task_like).index_copy_(0, experts, bufs[1].to(dt))
-            return (bufs[0].to(dt) if do_shared else None, g_t, bufs[2].to(dt) if do_gate else None)
+            self._reduce(ws_s, ws_t, ws_g, ws.stride(0), outs, transposed, route, tile, n_slots, slot_of, r, N)
 
-        return run(self.tiles.pick("wgrad", dev, T, r, key, run))
+        run(self.tiles.pick("wgrad", dev, T, r, key, run))
+        return tuple(outs)
 
     @staticmethod
-    def _reduce(ws: Tensor, like: Tensor, transposed: bool, route: _Route, tile: Tile, n_slots: int,
-                slot_of: Tensor, per_expert: bool) -> Tensor:
-        """Deterministic sum of the wgrad slots into a gradient shaped like ``like``."""
-        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        view = _rank_view(out, transposed)
-        if not per_expert:
-            view = view.unsqueeze(0)
-        rows, N = ws.shape[1], ws.shape[2]
-        BLOCK = 1024 if ws.device.type == "cuda" else 256
-        K._wgrad_reduce_kernel[(view.shape[0], triton.cdiv(rows * N, BLOCK))](
-            ws, view, view.stride(0), view.stride(1), view.stride(2), slot_of,
-            route.offsets, route.single, route.T, route.E, N, rows, n_slots,
-            ROUTE=route.mode, PER_EXPERT=per_expert, CHUNK=tile.chunk, BLOCK=BLOCK, G_PAD=route.g_pad,
+    def _reduce(ws_s: Tensor, ws_t: Tensor, ws_g: Tensor, stride_ws: int, outs: list, transposed: bool,
+                route: _Route, tile: Tile, n_slots: int, slot_of: Tensor, r: int, N: int) -> None:
+        """One launch: every wanted gradient of a wgrad from its fp32 slots, in its dtype."""
+        shared, task, gate_ = outs
+        out_s = _rank_view(shared, transposed) if shared is not None else ws_s  # (placeholders: never written)
+        out_t = _rank_view(task, transposed) if task is not None else ws_t
+        out_g = gate_ if gate_ is not None else ws_g
+        n_out = (shared is not None) + route.E * (task is not None) + (gate_ is not None)
+        rows = max(r if (shared is not None or task is not None) else 0, 2 if gate_ is not None else 0)
+        kernels._wgrad_reduce_kernel[(n_out, _cdiv(rows * N, _REDUCE_BLOCK))](
+            ws_s, ws_t, ws_g, stride_ws, out_s, out_s.stride(-2), out_s.stride(-1),
+            out_t, out_t.stride(0), out_t.stride(1), out_t.stride(2), out_g, out_g.stride(-2), out_g.stride(-1),
+            slot_of, route.offsets, route.single, route.T, route.E, N, r, n_slots, n_out - 1,
+            ROUTE=route.mode, OUT_SHARED=shared is not None, OUT_TASK=task is not None, OUT_GATE=gate_ is not None,
+            TASK_M0=int(shared is not None), CHUNK=tile.chunk, BLOCK=_REDUCE_BLOCK, G_PAD=route.g_pad,
         )
-        return out
 
-    def _train_index(self, train: list, E: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Cached device tensors: int32 [E] index of each expert among the trainable ones
-        (-1 = frozen), and int64 [len(train)] the trainable experts."""
+    def _train_index(self, train: list, E: int, device: torch.device) -> Tensor:
+        """Cached device tensor: int32 [E], each expert's index among the trainable ones (-1 = frozen)."""
         key = (tuple(train), E, device)
         hit = self._train_idx.get(key)
         if hit is None:
             slot_of = torch.full((max(E, 1),), -1, dtype=torch.int32)
             slot_of[train] = torch.arange(len(train), dtype=torch.int32)
-            hit = (slot_of.to(device), torch.tensor(train, dtype=torch.int64).to(device))
+            hit = slot_of.to(device)
             with self._lock:
                 self._train_idx[key] = hit
         return hit

@@ -73,7 +73,7 @@ def _args(T: int, d_in: int, d_out: int, r: int, E: int, dtype, routing: str, ga
     single = {"single": 0, "none": -1, "mixed": SINGLE_MIXED}[routing]
     fa = FwdArgs(z(T, d_in), z(d_out, d_in), z(d_out), z(r, d_in), z(d_out, r), z(E, r, d_in), z(E, d_out, r),
                  z(2, d_in) if gate else None, tt.int(), torch.argsort(key, stable=True).int(), off, None, single,
-                 2.0, p, 1234)
+                 2.0, p, torch.tensor(1234))
     return fa
 
 

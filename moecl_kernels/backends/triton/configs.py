@@ -127,12 +127,27 @@ _CANDIDATES = {
 }
 
 
+_DEVICE_INFO: dict = {}
+
+
+def _device_info(device: torch.device) -> tuple[str, int]:
+    """(``sm_XY``, SM count) of a CUDA device, looked up once per device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    info = _DEVICE_INFO.get(idx)
+    if info is None:
+        p = torch.cuda.get_device_properties(idx)
+        info = _DEVICE_INFO[idx] = (f"sm_{p.major}{p.minor}", p.multi_processor_count)
+    return info
+
+
 def arch_of(device: torch.device) -> str:
     """``sm_XY`` for CUDA devices, ``interpreter`` for CPU (TRITON_INTERPRET=1)."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    return _device_info(device)[0] if device.type == "cuda" else "interpreter"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return _device_info(device)[1]
 
 
 def table_for(arch: str) -> dict:
@@ -178,7 +193,7 @@ class TileTable:
 
     @staticmethod
     def autotune_enabled(device: torch.device) -> bool:
-        if os.environ.get(AUTOTUNE_ENV, "0") != "1" or device.type != "cuda":
+        if device.type != "cuda" or os.environ.get(AUTOTUNE_ENV, "0") != "1":
             return False
         return not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
 

@@ -15,8 +15,9 @@ Three kernels do the work, each written once and used by both passes through its
 ``_wgrad_kernel``    ragged per-expert reductions over tokens, fp32 accumulation
     A-mode: dA_s = dh_s^T x~, dA_t = dh_t^T x~ (per expert), dW_g = dlog^T x   (x read once)
     B-mode: dB_s = gy^T (s c_s h_s), dB_t = gy^T (s c_t h_t)                  (gy read once)
-    Partials go to per-chunk slots reduced by ``_wgrad_reduce_kernel`` (deterministic) or
-    are atomically added into fp32 accumulators.
+    Each chunk of tokens writes fp32 partials to its own slot; ``_wgrad_reduce_kernel`` (one
+    launch per wgrad) sums them in a fixed order into every gradient in its final dtype, zeros
+    included: no atomics, no zero-fill or cast launches, bitwise reproducible.
 
 Routing (``ROUTE``): ``ROUTE_SINGLE`` when every token has the same expert (or none):
 rows are 0..T-1 and no index is read. ``ROUTE_GROUPED`` otherwise: program ``pid`` finds
@@ -25,8 +26,15 @@ reads token rows through ``sorted_idx`` -- nothing is permuted in memory and not
 synchronised with the host. Blocks never straddle two experts; the grid is sized for the
 worst case (``cdiv(T, BLOCK) + E + 1``) and surplus programs return at once.
 
-Dropout is the counter hash of ``ops/dropout.py`` in uint32 arithmetic (bit-exact with
-it): row = token index in the flattened input, col = feature index.
+Bounds: a stale or corrupt routing (replayed in a CUDA graph) gives wrong numbers, never an
+out-of-bounds access: as in the CUDA kernels, offsets are clamped to [0, T] and made
+non-decreasing, a ``sorted_idx`` entry outside [0, T) is skipped, and the wgrad reduction
+never reads past its slots. Token rows and every stride product that can reach T x d_in are
+int64 (a strided x with T * d_in >= 2**31 elements is addressed correctly).
+
+Dropout is the counter hash of ``ops/dropout.py`` in uint32 arithmetic (bit-exact with it):
+row = token index, col = feature index. The seed is read from device memory (``SEED``, int64,
+used mod 2**32), never passed by value: a CUDA graph replays with the seed tensor's contents.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...contract import dropout as _d
+from .dropout_hash import _drop, _keep, _row_keys, _seed_key  # noqa: F401  (kernels and tests use them)
 
 # Module constants a @triton.jit function reads must be tl.constexpr; launchers use ``.value``.
 ROUTE_SINGLE = tl.constexpr(0)
@@ -43,53 +51,7 @@ ROUTE_GROUPED = tl.constexpr(1)
 MODE_FWD = tl.constexpr(0)
 MODE_BWD = tl.constexpr(1)
 
-STORE_SLOTS = tl.constexpr(0)   # wgrad: per-chunk fp32 partials, reduced by _wgrad_reduce_kernel (deterministic)
-STORE_ATOMIC = tl.constexpr(1)  # wgrad: atomic adds into fp32 accumulators
-
 GATE_PAD = tl.constexpr(16)  # the two gate columns padded to the smallest tl.dot width
-
-_ROW_MUL = tl.constexpr(_d.ROW_MUL)
-_COL_MUL = tl.constexpr(_d.COL_MUL)
-_FMIX_C1 = tl.constexpr(_d.FMIX_C1)
-_FMIX_C2 = tl.constexpr(_d.FMIX_C2)
-
-
-# ---------------------------------------------------------------------------------------------
-# dropout hash (ops/dropout.py in uint32; constants cast explicitly so they stay 32-bit)
-
-
-@triton.jit
-def _mul32(h, c: tl.constexpr):
-    return h * tl.full([1], c, tl.uint32)
-
-
-@triton.jit
-def _fmix32(h):
-    h = h ^ (h >> 16)
-    h = _mul32(h, _FMIX_C1)
-    h = h ^ (h >> 13)
-    h = _mul32(h, _FMIX_C2)
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _row_keys(rows, seed):
-    """Per-row hash keys; ``seed`` is ``seed ^ SEED_XOR`` as a (possibly negative) int32."""
-    return _fmix32(seed.to(tl.uint32) + _mul32(rows.to(tl.uint32), _ROW_MUL))
-
-
-@triton.jit
-def _keep(keys, cols, thr):
-    """Boolean keep-mask [len(keys), len(cols)]: ``(fmix32(key ^ col * COL_MUL) >> 8) >= thr``."""
-    h = _fmix32(keys[:, None] ^ _mul32(cols.to(tl.uint32), _COL_MUL)[None, :])
-    return (h >> 8) >= thr.to(tl.uint32)
-
-
-@triton.jit
-def _drop(z, keys, cols, thr):
-    """``z * keep`` (exact in z's dtype); callers apply the 1 / (1 - p) scale to their fp32
-    accumulators, which saves a rounding of the scaled input to z's dtype."""
-    return tl.where(_keep(keys, cols, thr), z, 0.0).to(z.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +61,13 @@ def _drop(z, keys, cols, thr):
 @triton.jit
 def _group_schedule(offsets_ptr, T, E, BLOCK: tl.constexpr, G_PAD: tl.constexpr):
     """Position ranges [lo, hi) of groups 0..E (E = tokens without a task), their block
-    counts ``nb`` and the index of each group's first block (vectors of length G_PAD)."""
+    counts ``nb`` and the index of each group's first block (vectors of length G_PAD).
+    Offsets are clamped like the CUDA kernels' (``find_tile``): 0 <= lo <= hi <= T."""
     g = tl.arange(0, G_PAD)
     lo = tl.load(offsets_ptr + g, mask=g <= E, other=T)
     hi = tl.load(offsets_ptr + g + 1, mask=g < E, other=T)
+    lo = tl.minimum(tl.maximum(lo, 0), T)
+    hi = tl.minimum(tl.maximum(hi, lo), T)
     nb = (hi - lo + BLOCK - 1) // BLOCK
     first = tl.cumsum(nb, 0) - nb
     return g, lo, hi, nb, first
@@ -126,13 +91,17 @@ def _block_of(pid, offsets_ptr, single, T, E, BLOCK: tl.constexpr, G_PAD: tl.con
 
 
 @triton.jit
-def _rows(sorted_ptr, pos, valid, ROUTE: tl.constexpr):
-    """Token rows of sorted positions ``pos`` (identity for ROUTE_SINGLE)."""
+def _rows(sorted_ptr, pos, valid, T, ROUTE: tl.constexpr):
+    """(token rows, valid) of sorted positions ``pos``: the identity for ROUTE_SINGLE; else
+    ``sorted_idx[pos]``, an index outside [0, T) masked out (row 0, not valid)."""
     if ROUTE == ROUTE_SINGLE:
         rows = pos
+        ok = valid
     else:
         rows = tl.load(sorted_ptr + pos, mask=valid, other=0)
-    return rows
+        ok = valid & (rows >= 0) & (rows < T)
+        rows = tl.where(ok, rows, 0)
+    return rows, ok
 
 
 @triton.jit
@@ -218,7 +187,7 @@ def _epilogue(acc_s, acc_t, l0, l1, rows, valid, has, H_S, H_T, COEF, DH_S, DH_T
         _bwd_epilogue(acc_s, acc_t, rows, valid, has, H_S, H_T, COEF, DH_S, DH_T, DLOG, r, scale, GATE, R_PAD)
 
 
-@triton.jit(do_not_specialize=["single", "seed", "thr"])
+@triton.jit(do_not_specialize=["single", "thr"])
 def _shrink_kernel(
     X, stride_xt, stride_xk,
     MS, stride_ms_k, stride_ms_r,
@@ -226,7 +195,7 @@ def _shrink_kernel(
     GW, stride_gw_j, stride_gw_k,
     H_S, H_T, COEF, DH_S, DH_T, DLOG, WS,
     sorted_ptr, offsets_ptr, single, T, E, K, r, k_per_split,
-    scale, seed, thr, inv_keep,
+    scale, SEED, thr, inv_keep,
     MODE: tl.constexpr, ROUTE: tl.constexpr, TASK: tl.constexpr, GATE: tl.constexpr,
     DROPOUT: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr, G_PAD: tl.constexpr, PREC: tl.constexpr,
@@ -240,8 +209,7 @@ def _shrink_kernel(
     if start >= end:
         return
     pos = start + tl.arange(0, BLOCK_T)
-    valid = pos < end
-    rows = _rows(sorted_ptr, pos, valid, ROUTE)
+    rows, valid = _rows(sorted_ptr, pos, pos < end, T, ROUTE)
     rr = rows.to(tl.int64)
     has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
     j = tl.arange(0, R_PAD)
@@ -250,7 +218,7 @@ def _shrink_kernel(
     ex = tl.maximum(expert, 0).to(tl.int64)
     gj = tl.arange(0, GATE_PAD)
     if DROPOUT:
-        keys = _row_keys(rows, seed)
+        keys = _row_keys(rows, _seed_key(SEED))
     LOGITS: tl.constexpr = GATE and MODE == MODE_FWD
 
     acc_s = tl.zeros([BLOCK_T, R_PAD], tl.float32)
@@ -261,8 +229,8 @@ def _shrink_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < k_hi
-        x = tl.load(X + rr[:, None] * stride_xt + kk[None, :] * stride_xk, mask=valid[:, None] & km[None, :],
-                    other=0.0)
+        x = tl.load(X + rr[:, None] * stride_xt + kk[None, :].to(tl.int64) * stride_xk,
+                    mask=valid[:, None] & km[None, :], other=0.0)
         if LOGITS:
             gw = tl.load(GW + gj[None, :] * stride_gw_j + kk[:, None] * stride_gw_k,
                          mask=km[:, None] & (gj < 2)[None, :], other=0.0)
@@ -327,7 +295,7 @@ def _shrink_finalize_kernel(
 # expand: rank-r rows -> [T, N] (optionally on top of the base GEMM)
 
 
-@triton.jit(do_not_specialize=["single", "seed", "thr"])
+@triton.jit(do_not_specialize=["single", "thr"])
 def _expand_kernel(
     OUT, stride_ot, stride_on,
     PS, PT, COEF,
@@ -336,7 +304,7 @@ def _expand_kernel(
     BIAS, DLOG, GW, stride_gw_j, stride_gw_n,
     X, stride_xt, stride_xk, WB, stride_wb_k, stride_wb_n,
     sorted_ptr, offsets_ptr, single, T, E, N, K, r, grid_t,
-    scale, seed, thr, inv_keep,
+    scale, SEED, thr, inv_keep,
     ROUTE: tl.constexpr, TASK: tl.constexpr, ROW_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
     GATE_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_BASE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -351,8 +319,7 @@ def _expand_kernel(
     if start >= end:
         return
     pos = start + tl.arange(0, BLOCK_T)
-    valid = pos < end
-    rows = _rows(sorted_ptr, pos, valid, ROUTE)
+    rows, valid = _rows(sorted_ptr, pos, pos < end, T, ROUTE)
     rr = rows.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < N
@@ -373,7 +340,7 @@ def _expand_kernel(
         pt = _load_rank(PT, COEF, rows, valid & ((tl.zeros_like(pos) + expert) >= 0), j, r, scale, 1, ROW_SCALE)
         acc = tl.dot(pt.to(nt.dtype), nt, acc, input_precision=PREC)
     if DROPOUT:
-        keep = _keep(_row_keys(rows, seed), n, thr)
+        keep = _keep(_row_keys(rows, _seed_key(SEED)), n, thr)
         acc = tl.where(keep, acc * inv_keep, 0.0)
     if GATE_TERM:
         d0 = tl.load(DLOG + rr * 2, mask=valid, other=0.0)
@@ -385,8 +352,8 @@ def _expand_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < K
-            x = tl.load(X + rr[:, None] * stride_xt + kk[None, :] * stride_xk, mask=valid[:, None] & km[None, :],
-                        other=0.0)
+            x = tl.load(X + rr[:, None] * stride_xt + kk[None, :].to(tl.int64) * stride_xk,
+                        mask=valid[:, None] & km[None, :], other=0.0)
             w = tl.load(WB + kk[:, None].to(tl.int64) * stride_wb_k + n64[None, :] * stride_wb_n,
                         mask=km[:, None] & nm[None, :], other=0.0)
             acc = tl.dot(x, w, acc, input_precision=PREC)
@@ -400,28 +367,23 @@ def _expand_kernel(
 # weight gradients: ragged per-expert reductions over tokens
 
 
-@triton.jit(do_not_specialize=["single", "seed", "thr"])
+@triton.jit(do_not_specialize=["single", "thr"])
 def _wgrad_kernel(
     Z, stride_zt, stride_zn,
     PS, PT, COEF, DLOG,
-    OS, stride_os_r, stride_os_n,
-    OT, stride_ot_e, stride_ot_r, stride_ot_n,
-    OG, stride_og_j, stride_og_n,
+    WS_S, WS_T, WS_G, stride_ws,
     TRAIN,
     sorted_ptr, offsets_ptr, single, T, E, N, r,
-    scale, seed, thr, inv_keep,
+    scale, SEED, thr, inv_keep,
     ROUTE: tl.constexpr, DO_SHARED: tl.constexpr, DO_TASK: tl.constexpr, DO_GATE: tl.constexpr,
-    ROW_SCALE: tl.constexpr, DROPOUT: tl.constexpr, STORE: tl.constexpr,
+    ROW_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, G_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Over the CHUNK token positions of program (chunk c, column block n) -- one expert's:
-    acc_s = PS^T Z~, acc_t = PT^T Z~ (only if the expert is trainable), acc_g = DLOG^T Z.
-
-    ``TRAIN[e]`` is expert e's index among the trainable experts, or -1 (frozen: no work).
-    STORE_SLOTS writes the fp32 tiles to slot c of OS/OT/OG ([slots, r, N] / [slots, 2, N]);
-    STORE_ATOMIC adds them into fp32 accumulators laid out like the gradients (OT indexed
-    by the trainable index)."""
+    acc_s = PS^T Z~, acc_t = PT^T Z~ (trainable experts only), acc_g = DLOG^T Z, stored as fp32
+    tiles [r | r | 2, N] at ``WS_S/WS_T/WS_G + c * stride_ws``. ``TRAIN[e]``: expert e's index
+    among the trainable experts, or -1 (frozen: no work, no write, no slot read)."""
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, start, end = _block_of(pid_c, offsets_ptr, single, T, E, CHUNK, G_PAD, ROUTE)
@@ -438,14 +400,15 @@ def _wgrad_kernel(
     n64 = n.to(tl.int64)
     j = tl.arange(0, R_PAD)
     gj = tl.arange(0, GATE_PAD)
+    if DROPOUT:
+        key = _seed_key(SEED)
 
     acc_s = tl.zeros([R_PAD, BLOCK_N], tl.float32)
     acc_t = tl.zeros([R_PAD, BLOCK_N], tl.float32)
     acc_g = tl.zeros([GATE_PAD, BLOCK_N], tl.float32)
     for p0 in range(start, end, BLOCK_T):
         pos = p0 + tl.arange(0, BLOCK_T)
-        valid = pos < end
-        rows = _rows(sorted_ptr, pos, valid, ROUTE)
+        rows, valid = _rows(sorted_ptr, pos, pos < end, T, ROUTE)
         rr = rows.to(tl.int64)
         z = tl.load(Z + rr[:, None] * stride_zt + n64[None, :] * stride_zn, mask=valid[:, None] & nm[None, :],
                     other=0.0)
@@ -453,7 +416,7 @@ def _wgrad_kernel(
             dl = tl.load(DLOG + rr[:, None] * 2 + gj[None, :], mask=valid[:, None] & (gj < 2)[None, :], other=0.0)
             acc_g = tl.dot(tl.trans(dl.to(z.dtype)), z, acc_g, input_precision=PREC)
         if DROPOUT:
-            z = _drop(z, _row_keys(rows, seed), n, thr)
+            z = _drop(z, _row_keys(rows, key), n, thr)
         if DO_SHARED:
             ps = _load_rank(PS, COEF, rows, valid, j, r, scale, 0, ROW_SCALE)
             acc_s = tl.dot(tl.trans(ps.to(z.dtype)), z, acc_s, input_precision=PREC)
@@ -464,58 +427,64 @@ def _wgrad_kernel(
         acc_s *= inv_keep
         acc_t *= inv_keep
 
+    slot = pid_c.to(tl.int64) * stride_ws
+    tile = j[:, None].to(tl.int64) * N + n64[None, :]
     m_r = (j < r)[:, None] & nm[None, :]
-    m_g = (gj < 2)[:, None] & nm[None, :]
-    if STORE == STORE_SLOTS:
-        c = pid_c.to(tl.int64)
-        tile = j[:, None].to(tl.int64) * N + n64[None, :]
-        if DO_SHARED:
-            tl.store(OS + c * r * N + tile, acc_s, mask=m_r)
-        if slot_t >= 0:
-            tl.store(OT + c * r * N + tile, acc_t, mask=m_r)
-        if DO_GATE:
-            tl.store(OG + c * 2 * N + gj[:, None] * N + n64[None, :], acc_g, mask=m_g)
-    else:
-        if DO_SHARED:
-            tl.atomic_add(OS + j[:, None] * stride_os_r + n64[None, :] * stride_os_n, acc_s, mask=m_r)
-        if slot_t >= 0:
-            tl.atomic_add(OT + slot_t.to(tl.int64) * stride_ot_e + j[:, None] * stride_ot_r
-                          + n64[None, :] * stride_ot_n, acc_t, mask=m_r)
-        if DO_GATE:
-            tl.atomic_add(OG + gj[:, None] * stride_og_j + n64[None, :] * stride_og_n, acc_g, mask=m_g)
+    if DO_SHARED:
+        tl.store(WS_S + slot + tile, acc_s, mask=m_r)
+    if slot_t >= 0:
+        tl.store(WS_T + slot + tile, acc_t, mask=m_r)
+    if DO_GATE:
+        tl.store(WS_G + slot + gj[:, None] * N + n64[None, :], acc_g, mask=(gj < 2)[:, None] & nm[None, :])
+
+
+@triton.jit
+def _sum_slots(WS, stride_ws, first, count, idx, size, OUT, stride_r, stride_n, N):
+    """OUT[i, n] = sum over slots first..first+count-1 (in order) of WS[slot][i, n], idx = i*N + n."""
+    m = idx < size
+    acc = tl.zeros(idx.shape, tl.float32)
+    for s in range(first, first + count):
+        acc += tl.load(WS + tl.cast(s, tl.int64) * stride_ws + idx, mask=m, other=0.0)
+    i = (idx // N).to(tl.int64)
+    n = (idx % N).to(tl.int64)
+    tl.store(OUT + i * stride_r + n * stride_n, acc.to(OUT.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["single"])
 def _wgrad_reduce_kernel(
-    WS, OUT, stride_oe, stride_or, stride_on, TRAIN,
-    offsets_ptr, single, T, E, N, rows_per_slot, n_slots,
-    ROUTE: tl.constexpr, PER_EXPERT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G_PAD: tl.constexpr,
+    WS_S, WS_T, WS_G, stride_ws,
+    OUT_S, stride_os_r, stride_os_n,
+    OUT_T, stride_ot_e, stride_ot_r, stride_ot_n,
+    OUT_G, stride_og_j, stride_og_n,
+    TRAIN, offsets_ptr, single, T, E, N, r, n_slots, m_gate,
+    ROUTE: tl.constexpr, OUT_SHARED: tl.constexpr, OUT_TASK: tl.constexpr, OUT_GATE: tl.constexpr,
+    TASK_M0: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G_PAD: tl.constexpr,
 ):
-    """OUT[e] = sum of the slots of ``_wgrad_kernel`` (STORE_SLOTS) in slot order.
-
-    PER_EXPERT: program axis 0 is expert e, summing the slots of e's chunks (zeros for
-    frozen experts and experts without tokens); else one output summing all ``n_slots``.
-    Slots hold [rows_per_slot, N] fp32; OUT[e][i, n] is at ``e*stride_oe + i*stride_or + n*stride_on``."""
-    e = tl.program_id(0)
+    """Every output of one ``_wgrad_kernel`` launch from its slots, in the outputs' dtype.
+    Program axis 0 is the output: 0 the shared expert's, TASK_M0 + e expert e's (its chunks'
+    slots; none -- zeros -- when frozen or without tokens), ``m_gate`` the gate's; axis 1 a
+    block of elements. Slot ranges follow the wgrad grid's clamped schedule, within n_slots."""
+    m = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    size = rows_per_slot * N
-    m = idx < size
-    first = 0
-    count = n_slots
+    total = n_slots
     if ROUTE == ROUTE_GROUPED:
         g, _lo, _hi, nb, firsts = _group_schedule(offsets_ptr, T, E, CHUNK, G_PAD)
-        if PER_EXPERT:
-            first = tl.sum(tl.where(g == e, firsts, 0), 0)
-            count = tl.sum(tl.where(g == e, nb, 0), 0)
-        else:  # the grid's surplus slots were never written
-            count = tl.sum(nb, 0)
-    elif PER_EXPERT:
-        count = tl.where(e == single, n_slots, 0)
-    if PER_EXPERT:
-        count = tl.where(tl.load(TRAIN + e) >= 0, count, 0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(first, first + count):
-        acc += tl.load(WS + tl.cast(s, tl.int64) * size + idx, mask=m, other=0.0)
-    i = idx // N
-    n = idx % N
-    tl.store(OUT + e.to(tl.int64) * stride_oe + i * stride_or + n * stride_on, acc.to(OUT.dtype.element_ty), mask=m)
+        total = tl.minimum(tl.sum(nb, 0), n_slots)  # slots of surplus programs were never written
+    if OUT_SHARED:
+        if m == 0:
+            _sum_slots(WS_S, stride_ws, 0, total, idx, r * N, OUT_S, stride_os_r, stride_os_n, N)
+    if OUT_TASK:
+        e = m - TASK_M0
+        if (e >= 0) & (e < E):
+            if ROUTE == ROUTE_GROUPED:
+                first = tl.minimum(tl.sum(tl.where(g == e, firsts, 0), 0), n_slots)
+                count = tl.minimum(tl.sum(tl.where(g == e, nb, 0), 0), n_slots - first)
+            else:
+                first = 0
+                count = tl.where(e == single, n_slots, 0)
+            count = tl.where(tl.load(TRAIN + e) >= 0, count, 0)
+            _sum_slots(WS_T, stride_ws, first, count, idx, r * N, OUT_T + e.to(tl.int64) * stride_ot_e,
+                       stride_ot_r, stride_ot_n, N)
+    if OUT_GATE:
+        if m == m_gate:
+            _sum_slots(WS_G, stride_ws, 0, total, idx, 2 * N, OUT_G, stride_og_j, stride_og_n, N)
