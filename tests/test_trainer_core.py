@@ -23,7 +23,7 @@ def test_cl_metrics_match_spec_definitions():
     assert m["ACC"] == pytest.approx((0.6 + 0.7 + 0.95) / 3)
     assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)
     assert m["FWT"] == pytest.approx(((0.1 - 0.4) + (0.3 - 0.1)) / 2)
-    assert cl_metrics([[0.7]], [0.5]) == {"ACC": 0.7, "BWT": None, "FWT": None}
+    assert cl_metrics([[0.7]], [0.5]) == {"ACC": 0.7, "BWT": None, "FWT": None, "LA": 0.7, "transfer_gain": None}
     with pytest.raises(ValueError, match="square"):
         cl_metrics([[0.1, 0.2]], [0.1])
 

@@ -16,7 +16,8 @@ from moecl_kernels.trainer.distributed import init_distributed
 from moecl_kernels.trainer.methods import METHODS
 from moecl_kernels.trainer.metrics import add_transfer_gain, cl_metrics, transfer_gain
 from moecl_kernels.trainer.probe import fit_probe, probe_accuracy
-from moecl_kernels.trainer.variants import adapter_group, drift_loss, masked_mean, shared_path_of_pooled
+from moecl_kernels.trainer.variants import (adapter_group, drift_loss, masked_mean, shared_path_of_pooled,
+                                            warm_start_task_expert)
 
 
 def _tiny(method, **over):
@@ -196,7 +197,7 @@ def test_drift_loss_is_zero_at_the_snapshot_and_pulls_the_shared_expert_back():
     with model.capture.capturing() as inputs:
         model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"])
     assert set(inputs) == set(layers)
-    assert float(drift_loss(layers, inputs, batch["attention_mask"], model.drift_ref)) == 0.0
+    assert float(drift_loss(layers, inputs, batch["attention_mask"], model.drift_ref).detach()) == 0.0
     lay = next(iter(layers.values()))
     with torch.no_grad():
         lay.lora_shared_B.mul_(2.0)  # this module's shared path doubles: relative drift 1, averaged over modules
@@ -232,12 +233,13 @@ SMALL = ["data.synthetic.num_tasks=2", "data.synthetic.train_size=48", "data.syn
 
 
 def test_variants_run_report_probes_and_the_transfer_gain(tmp_path, capsys):
-    variants = [m for m in METHODS if m.startswith("moecl_") and m != "moecl_nogan"]
+    # every idea once: snap_dmem (gate and shared snapshots, memory), distill, slr, warm
+    variants = ["moecl_snap_dmem", "moecl_distill", "moecl_slr", "moecl_warm"]
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=v", f"methods=[isolated_lora,{','.join(variants)}]", *SMALL])
     res = run(cfg)
     iso = res["isolated_lora"]
     assert iso["metrics"]["FWT"] == 0.0 and iso["metrics"]["transfer_gain"] == 0.0  # probes on the same backbone
-    assert iso["probe_baseline"] == res["moecl_taskgate"]["probe_baseline"]  # the untrained backbone: all alike
+    assert iso["probe_baseline"] == res["moecl_warm"]["probe_baseline"]  # the untrained backbone: all alike
     for name in variants:
         r = res[name]
         assert r["metrics"]["transfer_gain"] == pytest.approx(transfer_gain(r["R"], iso["R"]))
@@ -249,3 +251,14 @@ def test_variants_run_report_probes_and_the_transfer_gain(tmp_path, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| isolated_lora | " in table and "+0.0 ± 0.0" in table and "| 0,0 |" in table
     capsys.readouterr()
+
+
+def test_warm_start_copies_the_shared_expert_into_the_new_tasks_expert():
+    model, _ = _tiny("moecl_warm")
+    layers = mk.moe_layers(model.backbone)
+    _randomise([p for lay in layers.values() for p in (lay.lora_shared_A, lay.lora_shared_B)])
+    before = {n: (lay.lora_task_A[0].detach().clone(), lay.lora_task_B[0].detach().clone()) for n, lay in layers.items()}
+    warm_start_task_expert(model.backbone, 2)
+    for n, lay in layers.items():
+        assert torch.equal(lay.lora_task_A[2], lay.lora_shared_A) and torch.equal(lay.lora_task_B[2], lay.lora_shared_B)
+        assert torch.equal(lay.lora_task_A[0], before[n][0]) and torch.equal(lay.lora_task_B[0], before[n][1])

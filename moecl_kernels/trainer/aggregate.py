@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .methods import METHODS
 from .metrics import REFERENCE_METHOD
 from .report import METRIC_COLUMNS, METRICS_NOTE
 
@@ -44,9 +45,11 @@ def collect(run_dirs: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
 
 
 def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """method -> {metric: (mean, std)} over the runs (None where a metric is missing), seeds, n."""
+    """method -> {metric: (mean, std)} over the runs (None where a metric is missing), seeds, n;
+    in the order of ``METHODS``."""
     table = {}
-    for name, rows in runs.items():
+    order = list(METHODS)
+    for name, rows in sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         entry: dict[str, Any] = {"n": len(rows), "seeds": [r["seed"] for r in rows]}
         for key, _, _ in METRIC_COLUMNS:
             vals = [r["metrics"].get(key) for r in rows]

@@ -18,8 +18,8 @@ trainer, through the public API (``mk.moe_layers`` and each injected module's
   pulled towards that of its snapshot from before the task (:func:`drift_loss`).
 * Warm start: a new task's expert starts as a copy of the shared expert
   (:func:`warm_start_task_expert`), so the task starts from what the shared expert has
-  learnt on the earlier tasks, in both experts (with a gate that sums to one, the model's
-  output does not change at the copy).
+  learnt on the earlier tasks, in both experts (at the copy the shared path's share of the
+  output goes from ``beta_shared S(x)`` to ``S(x)``: the gate's two weights sum to one).
 """
 
 from __future__ import annotations
