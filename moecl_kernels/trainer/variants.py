@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moecl_kernels as mk
-from moecl_kernels.ops.pooling import pooled_shared_path
 
 
 def adapter_group(backbone: nn.Module, kind: str) -> dict[str, nn.Parameter]:
@@ -136,10 +135,10 @@ def shared_path_of_pooled(layer: nn.Module, xbar: Tensor) -> Tensor:
     pooled input is xbar); differentiable in the shared expert."""
     _linear_level(layer, "the discriminator memory")
     dt = layer.lora_shared_A.dtype
-    x = xbar.to(dt).unsqueeze(1)
-    ones = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.float32)
-    return pooled_shared_path(x, ones, layer.weight.to(dt), layer.bias.to(dt) if layer.bias is not None else None,
-                              layer.lora_shared_A, layer.lora_shared_B, layer.scaling)
+    x = xbar.to(dt)
+    bias = layer.bias.to(dt) if layer.bias is not None else None
+    return F.linear(x, layer.weight.to(dt), bias) + layer.scaling * F.linear(F.linear(x, layer.lora_shared_A),
+                                                                              layer.lora_shared_B)
 
 
 def input_projections(layer: nn.Module) -> list[nn.Module]:
