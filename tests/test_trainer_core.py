@@ -23,7 +23,7 @@ def test_cl_metrics_match_spec_definitions():
     assert m["ACC"] == pytest.approx((0.6 + 0.7 + 0.95) / 3)
     assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.8)) / 2)
     assert m["FWT"] == pytest.approx(((0.1 - 0.4) + (0.3 - 0.1)) / 2)
-    assert cl_metrics([[0.7]], [0.5]) == {"ACC": 0.7, "BWT": None, "FWT": None}
+    assert cl_metrics([[0.7]], [0.5]) == {"ACC": 0.7, "BWT": None, "FWT": None, "LA": 0.7, "transfer_gain": None}
     with pytest.raises(ValueError, match="square"):
         cl_metrics([[0.1, 0.2]], [0.1])
 
@@ -76,7 +76,11 @@ def test_config_checks_every_value_up_front(override, msg):
 
 
 def test_config_accepts_lists_comma_strings_and_all(tmp_path):
-    assert load_config(None, ["methods=all"]).methods == list(METHODS)
+    assert load_config(None, ["methods=all", "model.level=linear"]).methods == list(METHODS)
+    at_ffn = load_config(None, ["methods=all"]).methods  # the default level: the FFN level
+    assert at_ffn == [m for m in METHODS if not METHODS[m].linear_only] and "moecl_snap" in at_ffn
+    with pytest.raises(ConfigError, match="methods: moecl_dmem needs model.level=linear"):
+        load_config(None, ["methods=moecl,moecl_dmem"])
     assert load_config(None, ["methods=moecl, olora"]).methods == ["moecl", "olora"]
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

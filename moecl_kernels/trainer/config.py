@@ -98,6 +98,9 @@ class TrainConfig:
     keep_best: bool = True  # keep the best-on-dev checkpoint of each task (dev checked every epoch)
     checkpoint_every: int = _f(50, 0)  # steps; 0 = only after each task
     group_by_length: bool = False  # batches of similar lengths (less padding; real text); off = plain shuffle
+    # classification: FWT from linear probes (a task's head fitted on the frozen backbone before the task,
+    # vs on the untrained backbone); off: FWT from the accuracy matrix (a task's untrained head)
+    fwt_probe: bool = True
     # processes: ddp (replicated model) | fsdp (FSDP2: frozen backbone sharded, adapters replicated);
     # auto = fsdp under `accelerate launch --use_fsdp`, else ddp
     parallel: str = _f("auto", choices=("auto", "ddp", "fsdp"))
@@ -109,6 +112,10 @@ class MethodConfig:
     adv_cap: bool = True  # the shared expert ascends L_D only up to chance level, log(num_tasks)
     disc_modules: Optional[list] = None  # injected-module name suffixes with a discriminator; None = all
     olora_lambda: float = _f(0.5, 0)  # O-LoRA: weight of the orthogonality loss
+    # the moecl_* variants (methods.py)
+    memory_per_task: int = _f(32, 1)  # moecl_dmem: pooled inputs kept per finished task
+    distill_lambda: float = _f(1.0, 0)  # moecl_distill: weight of the shared path's relative drift
+    shared_lr_scale: float = _f(0.1, 0, gt=True)  # moecl_slr: the shared expert's lr factor from task 2 on
 
 
 @dataclass
@@ -223,11 +230,14 @@ def _check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(msg)
 
     names = tuple(METHODS)
-    if cfg.methods == "all" or cfg.methods == ["all"]:
-        cfg.methods = list(names)
+    if cfg.methods == "all" or cfg.methods == ["all"]:  # every method the model's level can run
+        cfg.methods = [n for n in names if cfg.model.level == "linear" or not METHODS[n].linear_only]
     cfg.methods = _names(cfg.methods, "methods", allow_none=False)
     for m in cfg.methods:
         need(m in names, f"methods: unknown method {m!r}; choose from {', '.join(names)} (or all)")
+        need(cfg.model.level == "linear" or not METHODS[m].linear_only,
+             f"methods: {m} needs model.level=linear (it recomputes the shared path from pooled inputs, "
+             f"which the FFN level's shared MLP does not allow); model.level={cfg.model.level}")
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
     need(cfg.name.strip() != "" and cfg.output_dir.strip() != "", "name and output_dir must be non-empty")
     d, m = cfg.data, cfg.model

@@ -39,11 +39,13 @@ from .data import DataFormatError, TaskData, load_mtl5, synthetic_tasks, synthet
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .folder import load_folder
 from .methods import METHODS, MethodSpec, merge_expert
-from .metrics import cl_metrics
+from .metrics import add_transfer_gain, cl_metrics
 from .model import (ContinualModel, adapter_parameters, build_backbone, build_tokenizer, default_target_modules,
                     is_encoder, is_encoder_name)
 from .parallel import average_gradients, parallel_kind, shard_backbone
+from .probe import probe_accuracy
 from .report import machine_info, write_comparison, write_method_report
+from .variants import adapter_group, warm_start_task_expert
 
 log = logging.getLogger("moecl_kernels.trainer")
 
@@ -126,6 +128,7 @@ def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.
         backbone, spec, [t.num_classes for t in prep.tasks], cfg.train.mode,
         pooling="first" if is_encoder(backbone) else "last", lambda_adv=cfg.method.lambda_adv,
         adv_cap=cfg.method.adv_cap, disc_modules=cfg.method.disc_modules, olora_lambda=cfg.method.olora_lambda,
+        distill_lambda=cfg.method.distill_lambda,
     )
     return model.to(device)
 
@@ -190,7 +193,7 @@ def _lr_lambda(kind: str, total: int, warmup: int):
 
 def _fresh_task_state() -> dict[str, Any]:
     return {"epoch": 0, "step": 0, "task_step": 0, "last_eval": -1, "best": None, "best_score": None,
-            "optimizer": None, "scheduler": None, "dev_history": []}
+            "optimizer": None, "scheduler": None, "dev_history": [], "drift_ref": None}
 
 
 class MethodRun:
@@ -246,15 +249,21 @@ class MethodRun:
             n = shard_backbone(self.model.backbone, adapter_parameters(self.model.backbone), info)
             log.info("%s: FSDP2 over %d processes (%d blocks sharded; adapters replicated)", self.name,
                      info.world_size, n)
-        self.state = {"task": 0, "R": [], "baseline": None, **_fresh_task_state()}
+        self.state = {"task": 0, "R": [], "baseline": None, "probe": {}, "probe_base": None, **_fresh_task_state()}
         elapsed = self._restore(ckpt) if ckpt is not None else 0.0
+        self.model.bind(self.state)
         t0 = time.perf_counter() - elapsed
         tests = self.prep.test
+        probing = cfg.train.fwt_probe and cfg.train.mode == "classification"
         if self.state["baseline"] is None:
-            self.state["baseline"] = [self._evaluate(tests[j], "test") for j in range(len(tests))]
+            self.state["baseline"] = [self._evaluate(tests[j], "test", j) for j in range(len(tests))]
+        if probing and self.state["probe_base"] is None:
+            self.state["probe_base"] = [self._probe(j) for j in range(len(tests))]
         for k in range(self.state["task"], len(self.prep.tasks)):
+            if probing and k > 0 and k not in self.state["probe"]:
+                self.state["probe"][k] = self._probe(k)
             self._train_task(k, t0)
-            row = [self._evaluate(tests[j], "test") for j in range(len(tests))]
+            row = [self._evaluate(tests[j], "test", j) for j in range(len(tests))]
             self.state["R"].append(row)
             log.info("%s: after task %d (%s): test accuracy %s", self.name, k + 1, self.prep.tasks[k].name,
                      " ".join(f"{100 * a:.1f}" for a in row))
@@ -269,12 +278,16 @@ class MethodRun:
 
     def _result(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
-        R, b = self.state["R"], self.state["baseline"]
+        R, b, st = self.state["R"], self.state["baseline"], self.state
+        probe = None
+        if st["probe_base"] is not None:
+            probe = [st["probe"].get(i) for i in range(len(R))]
         return {
             "method": self.name, "benchmark": cfg.data.benchmark, "mode": cfg.train.mode, "level": cfg.model.level,
             "seed": cfg.seed,
             "tasks": [t.name for t in self.prep.tasks], "data_sha256": self.prep.digest, "R": R, "baseline": b,
-            "metrics": cl_metrics(R, b), "wall_time_s": wall, "parallel": self.kind,
+            "probe": probe, "probe_baseline": st["probe_base"],
+            "metrics": cl_metrics(R, b, probe, st["probe_base"]), "wall_time_s": wall, "parallel": self.kind,
             "machine": machine_info(self.info.world_size), "fingerprint": self.fingerprint,
             "config": cfg.to_dict(),
         }
@@ -283,8 +296,14 @@ class MethodRun:
         cfg, info, st, model = self.cfg, self.info, self.state, self.model
         tc = cfg.train
         model.set_task(k)
+        if self.spec.warm and k > 0 and st["task_step"] == 0 and st["optimizer"] is None:
+            warm_start_task_expert(model.backbone, k)  # (a resumed task keeps its trained expert)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        if model.distill_lambda > 0 and k > 0:
+            if st["drift_ref"] is None:  # the shared experts as the task starts (a resumed task keeps its own)
+                st["drift_ref"] = model.shared_reference()
+            model.drift_ref = st["drift_ref"]
+        opt = torch.optim.AdamW(self._param_groups(params, k), lr=tc.lr, weight_decay=tc.weight_decay)
         items = self.prep.train[k]
         lengths = [len(e.input_ids) for e in items]
 
@@ -313,7 +332,7 @@ class MethodRun:
                 idx = batches[st["step"]]
                 batch = _to(collate([items[i] for i in idx[info.rank::info.world_size]], self.prep.encoder.pad_id,
                                     tc.mode), info.device)
-                out = forward(**batch, scale=info.world_size / len(idx), reduce=reduce)
+                out = forward(**batch, scale=info.world_size / len(idx), reduce=reduce, world=info.world_size)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if self.kind == "fsdp":  # the replicated trainable parameters, averaged as DDP does
@@ -351,13 +370,56 @@ class MethodRun:
                     p.copy_(b.to(p.device))
         if self.spec.olora:
             merge_expert(model.backbone, k)
+        model.drift_ref = None
+        model.end_task(k)
+        if self.spec.disc_memory and k + 1 < len(self.prep.tasks):
+            self._record_memory(k)
 
-    def _evaluate(self, items: list[Encoded], phase: str) -> float:
-        return evaluate(self.model, items, phase, self.cfg, self.prep, self.info, synced=self.kind == "fsdp")
+    def _param_groups(self, params: list[torch.nn.Parameter], k: int) -> list[dict[str, Any]]:
+        """One group, or for ``shared_lr`` from the second task on, the shared experts in a
+        group of their own at ``method.shared_lr_scale`` times the learning rate."""
+        if not (self.spec.shared_lr and k > 0):
+            return [{"params": params}]
+        shared = {id(p) for p in adapter_group(self.model.backbone, "shared").values()}
+        return [{"params": [p for p in params if id(p) not in shared]},
+                {"params": [p for p in params if id(p) in shared], "lr": self.cfg.train.lr * self.cfg.method.shared_lr_scale}]
+
+    def _record_memory(self, k: int) -> None:
+        """The discriminator memory of task k: the pooled inputs of ``method.memory_per_task``
+        of its training examples (seeded choice), as the finished task routes them."""
+        items = self.prep.train[k]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + k * 1_009 + 7)
+        chosen = [items[i] for i in torch.randperm(len(items), generator=g)[:self.cfg.method.memory_per_task].tolist()]
+        self.model.eval()
+        with self.model.task_view(k):
+            parts = [self.model.pooled_inputs(_to(collate(chosen[i:i + self.cfg.train.eval_batch_size],
+                                                          self.prep.encoder.pad_id, "classification"), self.info.device))
+                     for i in range(0, len(chosen), self.cfg.train.eval_batch_size)]
+        self.model.memory[k] = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    @torch.no_grad()
+    def _probe(self, task: int) -> float:
+        """Test accuracy of a linear probe for ``task`` on the backbone as it stands (probe.py);
+        every process computes every feature (its forwards stay in step under FSDP)."""
+        model, bs, pad = self.model, self.cfg.train.eval_batch_size, self.prep.encoder.pad_id
+        model.eval()
+
+        def feats(items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+            with model.task_view(task):
+                x = [model.encode(_to(collate(items[i:i + bs], pad, "classification"), self.info.device), "test").cpu()
+                     for i in range(0, len(items), bs)]
+            return torch.cat(x), torch.tensor([e.label for e in items])
+
+        (xtr, ytr), (xte, yte) = feats(self.prep.train[task]), feats(self.prep.test[task])
+        return probe_accuracy(xtr, ytr, xte, yte, self.prep.tasks[task].num_classes)
+
+    def _evaluate(self, items: list[Encoded], phase: str, task: int) -> float:
+        with self.model.task_view(task):
+            return evaluate(self.model, items, phase, self.cfg, self.prep, self.info, synced=self.kind == "fsdp")
 
     def _dev_check(self, k: int, params: list[torch.Tensor]) -> float:
         st = self.state
-        score = self._evaluate(self.prep.dev[k], "train")
+        score = self._evaluate(self.prep.dev[k], "train", k)
         st["last_eval"] = st["task_step"]
         st["dev_history"].append({"task": k, "step": st["task_step"], "dev": score})
         improved = st["best_score"] is None or score > st["best_score"]
@@ -376,6 +438,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
     try:
         prep = prepare(cfg, info)
         results = {name: MethodRun(cfg, name, prep, info).run(resume) for name in cfg.methods}
+        if add_transfer_gain(results) and info.is_main:
+            for name, r in results.items():
+                write_method_report(cfg.run_dir / name, r)
         if info.is_main:
             write_comparison(cfg.run_dir, results)
             log.info("results in %s (comparison.md)", cfg.run_dir)

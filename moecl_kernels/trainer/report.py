@@ -93,13 +93,15 @@ def write_method_report(out_dir: Path, result: dict[str, Any]) -> None:
     md = [
         f"# {result['method']} on {result['benchmark']}",
         "",
-        f"ACC {_pct(m['ACC'])} | BWT {_fmt(m['BWT'])} | FWT {_fmt(m['FWT'])} (percentage points; "
-        f"{result['mode']} mode, {_LEVELS[result.get('level', 'linear')]}, seed {result['seed']})",
+        f"ACC {_pct(m['ACC'])} | BWT {_fmt(m['BWT'])} | FWT {_fmt(m['FWT'])} | LA {_pct(m.get('LA', 0.0))} | "
+        f"transfer gain {_fmt(m.get('transfer_gain'))} (percentage points; {result['mode']} mode, "
+        f"{_LEVELS[result.get('level', 'linear')]}, seed {result['seed']})",
         "",
         "Accuracy matrix R (%): row i = after training tasks 1..i, column j = test accuracy on task j.",
         "",
         matrix_markdown(result["R"], result["baseline"], result["tasks"]),
         "",
+        *_probe_lines(result),
         f"Wall time {result['wall_time_s']:.1f} s on {result['machine']['platform']} "
         f"({result['machine']['cpu_count']} CPUs, {result['machine']['torch_threads']} torch threads, "
         f"GPU: {result['machine']['gpu'] or 'none'}, {result['machine']['world_size']} process(es)).",
@@ -109,12 +111,32 @@ def write_method_report(out_dir: Path, result: dict[str, Any]) -> None:
     write_heatmap(out_dir / "heatmap.png", result["R"], result["tasks"], f"{result['method']}: accuracy matrix R")
 
 
+def _probe_lines(result: dict[str, Any]) -> list[str]:
+    probe, base = result.get("probe"), result.get("probe_baseline")
+    if probe is None or base is None:
+        return ["FWT: R[i-1][i] - untrained accuracy (zero-shot answers before task i).", ""]
+    cells = " | ".join(f"{_pct(base[j])} / {'-' if probe[j] is None else _pct(probe[j])}" for j in range(len(base)))
+    return ["Linear probes (FWT; %): untrained backbone / backbone before the task", "",
+            "| " + " | ".join(result["tasks"]) + " |", "|" + " --- |" * len(base), f"| {cells} |", ""]
+
+
+METRIC_COLUMNS = (("ACC", "ACC (%)", _pct), ("BWT", "BWT (pp)", _fmt), ("FWT", "FWT (pp)", _fmt),
+                  ("LA", "LA (%)", _pct), ("transfer_gain", "transfer gain (pp)", _fmt))
+
+
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| method | ACC (%) | BWT (pp) | FWT (pp) | time (s) |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| method | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " | time (s) |",
+             "|" + " --- |" * (len(METRIC_COLUMNS) + 2)]
     for name, r in results.items():
         m = r["metrics"]
-        lines.append(f"| {name} | {_pct(m['ACC'])} | {_fmt(m['BWT'])} | {_fmt(m['FWT'])} | {r['wall_time_s']:.1f} |")
+        cells = [fmt(m.get(key)) if m.get(key) is not None else "n/a" for key, _, fmt in METRIC_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['wall_time_s']:.1f} |")
     return "\n".join(lines)
+
+
+METRICS_NOTE = ("ACC: final mean accuracy; BWT: backward transfer (negative = forgetting); FWT: forward transfer "
+                "(classification: a linear probe on the backbone before each task vs on the untrained backbone); "
+                "LA: mean accuracy on each task right after training it; transfer gain: LA minus isolated LoRA's LA.")
 
 
 def write_comparison(run_dir: Path, results: dict[str, dict[str, Any]]) -> str:
@@ -125,6 +147,5 @@ def write_comparison(run_dir: Path, results: dict[str, dict[str, Any]]) -> str:
     first = next(iter(results.values()))
     atomic_write_text(run_dir / "comparison.md", "\n".join([
         f"# Comparison on {first['benchmark']} ({len(first['tasks'])} tasks: {', '.join(first['tasks'])})", "",
-        level_line(results), "", table, "", "ACC: final mean accuracy; BWT: backward transfer (negative = forgetting); "
-        "FWT: forward transfer vs the untrained model.", ""]))
+        level_line(results), "", table, "", METRICS_NOTE, ""]))
     return table
