@@ -89,7 +89,7 @@ class Case:
 
 
 def cases(arch: int, full: bool) -> list[Case]:
-    """SPEC §4 shapes (bf16, d = 4096, r = 16, E = 8) for every variant, then coverage cases."""
+    """docs/spec.md §4 shapes (bf16, d = 4096, r = 16, E = 8) for every variant, then coverage cases."""
     gemms = ["gemm-ptr"] + (["gemm-tma"] if arch >= 90 else [])
     out = [Case("spec", v) for v in ("addmm", "fused", *gemms)]
     out += [Case("spec-1task", v, routing="single") for v in gemms]
