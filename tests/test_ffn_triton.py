@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from backend_harness import tolerance  # noqa: E402  (the one tolerance table)
 from helpers import ffn_inputs, rel_err, token_tasks  # noqa: E402
 
 from moecl_kernels.backends.eager import EagerBackend  # noqa: E402
@@ -34,7 +35,6 @@ ON_GPU = torch.cuda.is_available() and not tb.INTERPRETED
 needs_interpreter = pytest.mark.skipif(torch.cuda.is_available() or not tb.INTERPRETED,
                                        reason="CPU tests need the Triton interpreter (TRITON_INTERPRET=1 before "
                                               "triton is imported: run this module in its own process)")
-EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 OUTS = ("y",) + FFN_SAVED + FFN_POOLED
 
 pytestmark = [pytest.mark.usefixtures("poison_uninitialized_memory"),  # tests/conftest.py
@@ -116,7 +116,7 @@ def check(got: dict, eager: dict, ref: dict, dtype, what=""):
             assert got[k].abs().max() == 0, f"{what}{k}: expected zeros"
             continue
         e = rel_err(got[k].cpu(), r)
-        tol = 1e-5 if dtype == torch.float32 else max(2 * rel_err(eager[k].cpu(), r), EPS[dtype] / 8)
+        tol = tolerance(dtype, eager[k], r)
         assert e <= tol, f"{what}{k}: relative error {e:.3g} > {tol:.3g}"
 
 
