@@ -6,7 +6,12 @@ and the one tolerance table:
     float64            relative error <= 1e-10
     float32            relative error <= 1e-5
     float16, bfloat16  at most 2x the eager backend's relative error in the same dtype
-                       (floor: eps / 8, for tensors eager gets exactly right)
+                       (floor: eps of the dtype. A correctly computed result is still rounded
+                       to the dtype, once or twice, and on a tensor of a few elements -- the
+                       gate gradient is 2 x d_in -- eager's own roundings can land much closer
+                       by luck: seen at 5.4e-4 vs an eager error of 1.5e-4 in fp16 with
+                       d_in = 3. A real defect (a missed term, a wrong expert or mask) is far
+                       above eps.)
 
 Relative error is the norm ratio ||got - ref|| / ||ref|| per tensor (helpers.rel_err; a zero
 reference needs an exact zero).
@@ -122,7 +127,7 @@ def tolerance(dtype: torch.dtype, eager: Optional[torch.Tensor], ref: torch.Tens
     """The tolerance table (module docstring) for one tensor."""
     if dtype in TOLERANCE:
         return TOLERANCE[dtype]
-    return max(2 * rel_err(eager.cpu(), ref), EPS[dtype] / 8)
+    return max(2 * rel_err(eager.cpu(), ref), EPS[dtype])
 
 
 def check(got: dict, eager: Optional[dict], ref: dict, dtype, names=None, what=""):
