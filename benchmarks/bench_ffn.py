@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from moecl_kernels.ops import moe_lora_mlp_reference
 from moecl_kernels.routing import build_routing
 
-from .bench_op import _free, _prepare, _stats, _time_all, check_rows
+from .bench_op import _free, _stats, _time_all, check_rows, prepare_providers
 from .cases import FFN_TARGETS, FfnCase, batch_tasks, ffn_quick_cases, ffn_spec_cases
 from .common import DTYPES, REPO_ROOT, Timer, environment, fmt, l2_bytes, md_table, saved_activation_bytes, write_json
 from .ffn_providers import LORA, FfnInputSet, FfnProblem, ffn_providers
@@ -103,22 +102,7 @@ def run_case(c: FfnCase, providers: list, device: torch.device, timer: Timer, in
     p = make_problem(c, device, n_rot)
     per_row = 8 * 4 * c.r * c.d_ff * (c.E > 0)  # the oracle's per-token gathers of the routed expert, float64
     oracle = FfnOracle(p, check_rows(p, max(16, min(128, 2**30 // max(per_row, 1)))))
-    recs, steps = {}, {}
-    for prov in providers:
-        rec = recs[prov.name] = {"label": c.label, "case": asdict(c), "provider": prov.name,
-                                 "semantics": prov.semantics, "n_rot": n_rot}
-        reason = prov.skip_reason(p)
-        if reason is not None:
-            rec.update(status="skipped", reason=reason)
-            continue
-        try:
-            extra, step = _prepare(prov, p, oracle, c, inject == prov.name)
-            rec.update(extra)
-            if step is not None:
-                steps[prov.name] = step
-        except Exception as e:  # out of memory, an unsupported shape: recorded, the run goes on
-            rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            _free(device)
+    recs, steps = prepare_providers(c, providers, p, oracle, n_rot, inject)
     times, errors = _time_all(dict(steps), n_rot, timer)
     for name, step in steps.items():
         rec = recs[name]

@@ -289,13 +289,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(c: Case, providers: list[Provider], device: torch.device, timer: Timer,
-             inject: Optional[str] = None) -> list[dict]:
-    """Check every provider on one case, time the ones that pass together; ratios to the base."""
-    n_rot = rotation_count(c, device)
-    p = make_problem(c, device, n_rot)
-    per_row = 32 * c.r * (c.d_in + c.d_out)  # float64 oracle bytes per checked row, with grads
-    oracle = Oracle(p, check_rows(p, max(16, min(128, 2**30 // per_row))))
+def prepare_providers(c, providers: list, p, oracle, n_rot: int, inject: Optional[str]) -> tuple[dict, dict]:
+    """(records, timed steps): every provider checked against the oracle on one case; a skip or
+    an error (out of memory, a shape a backend refuses, ...) is recorded and the run goes on."""
     recs, steps = {}, {}
     for prov in providers:
         rec = recs[prov.name] = {"label": c.label, "case": asdict(c), "provider": prov.name,
@@ -309,9 +305,20 @@ def run_case(c: Case, providers: list[Provider], device: torch.device, timer: Ti
             rec.update(extra)
             if step is not None:
                 steps[prov.name] = step
-        except Exception as e:  # out of memory, unsupported shape in a backend, ...: recorded, run goes on
+        except Exception as e:
             rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            _free(device)
+            _free(p.device)
+    return recs, steps
+
+
+def run_case(c: Case, providers: list[Provider], device: torch.device, timer: Timer,
+             inject: Optional[str] = None) -> list[dict]:
+    """Check every provider on one case, time the ones that pass together; ratios to the base."""
+    n_rot = rotation_count(c, device)
+    p = make_problem(c, device, n_rot)
+    per_row = 32 * c.r * (c.d_in + c.d_out)  # float64 oracle bytes per checked row, with grads
+    oracle = Oracle(p, check_rows(p, max(16, min(128, 2**30 // per_row))))
+    recs, steps = prepare_providers(c, providers, p, oracle, n_rot, inject)
     times, errors = _time_all(dict(steps), n_rot, timer)
     off = [int(v) for v in p.routing.offsets_cpu.tolist()]
     n_active = sum(1 for a, b in zip(off[:-1], off[1:]) if b > a)

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moecl_kernels import backends as mk_backends
 from moecl_kernels.ops import moe_lora_mlp
 from moecl_kernels.routing import Routing
 
-from .providers import Bound, Provider
+from .providers import Bound, OpBackend, Provider
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 LORA = tuple(f"{p}_{part}" for p in PROJ for part in ("shared_A", "shared_B", "task_A", "task_B")) + ("moe_gate",)
@@ -110,22 +109,9 @@ class TwoFFN(Provider):
         return Bound(forward, _lora_targets(s))
 
 
-class FfnOp(Provider):
-    """``moe_lora_mlp(..., backend=name)``: the FFN-level op on the eager or triton backend."""
-
-    semantics = "moe"
-
-    def __init__(self, backend: str):
-        self.name = backend
-
-    def skip_reason(self, p):
-        if self.name != "eager" and p.device.type != "cuda":
-            return "GPU backend: timed on a GPU only"
-        try:
-            mk_backends.resolve_backend(self.name, p.sets[0].x)
-        except (mk_backends.BackendUnavailableError, ValueError) as e:
-            return str(e)
-        return None
+class FfnOp(OpBackend):
+    """``moe_lora_mlp(..., backend=name)``: the FFN-level op on the eager or triton backend
+    (skips as the linear op's providers do)."""
 
     def bind(self, p, i):
         s = p.sets[i]
