@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .ffn_tiles import (  # noqa: F401  (ACT_CODES: the host side reads it here)
-    ACT_CODES, _chunk_fr, _down_keys, _hidden, _load_tiles, _pool_rows, _pre_acts, _rank_cols,
+    ACT_CODES, _block_ranks, _chunk_fr, _down_keys, _hidden, _load_tiles, _pool_rows, _pre_acts, _rank_cols,
     _store_fr, _tile_backward, _token_block,
 )
 from .kernels import ROUTE_SINGLE, _keep, _rows
@@ -60,17 +60,10 @@ def _ffn_fwd_kernel(
     expert, rr, valid = _token_block(tl.program_id(0), sorted_ptr, offsets_ptr, single, T, E, BLOCK_T, G_PAD, ROUTE)
     if tl.max(valid.to(tl.int32), 0) == 0:
         return
-    has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
-    j = tl.arange(0, R_PAD)
-    jm = j < r
-    jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
-    ex = tl.maximum(expert, 0).to(tl.int64)
+    has, j, jm, jm_t, ex, sa_gs, sa_us, sa_gt, sa_ut = _block_ranks(expert, rr, valid, A_S, A_T, BUS, r, scale,
+                                                                    BLOCK_T, R_PAD, GATED_MLP)
     NPRE: tl.constexpr = 2 if GATED_MLP else 1
     dt = BUS.dtype.element_ty
-    sa_gs = (scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
-    sa_us = (scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
-    sa_gt = (scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
-    sa_ut = (scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
     c_t = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
     if DROPOUT:
         keys = _down_keys(SEED, rr)
@@ -154,17 +147,10 @@ def _ffn_bwd_kernel(
     expert, rr, valid = _token_block(tl.program_id(0), sorted_ptr, offsets_ptr, single, T, E, BLOCK_T, G_PAD, ROUTE)
     if tl.max(valid.to(tl.int32), 0) == 0:
         return
-    has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
-    j = tl.arange(0, R_PAD)
-    jm = j < r
-    jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
-    ex = tl.maximum(expert, 0).to(tl.int64)
+    has, j, jm, jm_t, ex, sa_gs, sa_us, sa_gt, sa_ut = _block_ranks(expert, rr, valid, A_S, A_T, BUS, r, scale,
+                                                                    BLOCK_T, R_PAD, GATED_MLP)
     NPRE: tl.constexpr = 2 if GATED_MLP else 1
     dt = BUS.dtype.element_ty
-    sa_gs = (scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
-    sa_us = (scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
-    sa_gt = (scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
-    sa_ut = (scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
     c_s = tl.load(COEF + rr * 2, mask=valid, other=0.0)
     c_t = tl.load(COEF + rr * 2 + 1, mask=valid, other=0.0)
     qs_s = _rank_cols(QS, rr, valid, r, 0, r, R_PAD)

@@ -172,3 +172,23 @@ def _store_fr(OUT, e64, stride_e, stride_f, stride_r, acc, f64, fm, r, R_PAD: tl
     j = tl.arange(0, R_PAD)
     tl.store(OUT + e64 * stride_e + f64[:, None] * stride_f + j[None, :] * stride_r,
              acc.to(OUT.dtype.element_ty), mask=fm[:, None] & (j < r)[None, :])
+
+
+@triton.jit
+def _block_ranks(expert, rr, valid, A_S, A_T, BUS, r, scale, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr,
+                 GATED_MLP: tl.constexpr):
+    """What the forward and backward passes of a token block share: per-row "has a task",
+    the rank lanes (all, valid, valid with a task), the expert as an int64 index and the scaled
+    gate/up rank inputs s * a (shared, task) in the weights' dtype (BUS's)."""
+    dt = BUS.dtype.element_ty
+    has = (tl.zeros([BLOCK_T], tl.int32) + expert) >= 0
+    j = tl.arange(0, R_PAD)
+    jm = j < r
+    jm_t = jm & ((tl.zeros_like(j) + expert) >= 0)
+    ex = tl.maximum(expert, 0).to(tl.int64)
+    NPRE: tl.constexpr = 2 if GATED_MLP else 1
+    sa_gs = (scale * _rank_cols(A_S, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_us = (scale * _rank_cols(A_S, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    sa_gt = (scale * _rank_cols(A_T, rr, valid, NPRE * r, 0, r, R_PAD)).to(dt)
+    sa_ut = (scale * _rank_cols(A_T, rr, valid, NPRE * r, (NPRE - 1) * r, r, R_PAD)).to(dt)
+    return has, j, jm, jm_t, ex, sa_gs, sa_us, sa_gt, sa_ut
