@@ -266,3 +266,43 @@ def test_warm_start_copies_the_shared_expert_into_the_new_tasks_expert():
     for n, lay in layers.items():
         assert torch.equal(lay.lora_task_A[2], lay.lora_shared_A) and torch.equal(lay.lora_task_B[2], lay.lora_shared_B)
         assert torch.equal(lay.lora_task_A[0], before[n][0]) and torch.equal(lay.lora_task_B[0], before[n][1])
+
+
+# ------------------------------------------------------------------------------ head_init=probe (LP-FT)
+
+def test_probe_head_computes_the_probes_logits():
+    from moecl_kernels.trainer.probe import probe_head
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 12, generator=g) * 3 + 1, torch.arange(60) % 4
+    mean, std, W, b = probe = fit_probe(x, y, 4)
+    weight, bias = probe_head(probe)
+    xt = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(F.linear(xt, weight, bias), ((xt - mean) / std) @ W + b)
+
+
+def test_head_init_probe_starts_each_head_at_its_probe_without_touching_the_rng(tmp_path):
+    """Before a task's first step its head predicts exactly as the probe fitted on the backbone as it
+    stands; the training RNG is not drawn from (a random-init run and a probe-init run draw alike)."""
+    args = [f"output_dir={tmp_path}", "data.synthetic.num_tasks=2", "data.synthetic.train_size=32",
+            "data.synthetic.test_size=16", "train.head_init=probe"]
+    cfg = load_config(None, args)
+    mr = MethodRun(cfg, "moecl_snap", prepare(cfg), init_distributed())
+    torch.manual_seed(0)
+    mr.model = build_model(cfg, mr.spec, mr.prep, torch.device("cpu"))
+    mr.state = {"task": 0, "R": [], "baseline": None, "probe": {}, "probe_base": None, "snapshots": {}}
+    mr.model.bind(mr.state)
+    _randomise(adapter_group(mr.model.backbone, "shared").values())  # a backbone that is not the pretrained one
+    rng = torch.get_rng_state()
+    mr.model.set_task(1)
+    mr._init_head(1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    with torch.no_grad():
+        x, y = mr._features(1, mr.prep.test[1])
+        logits = mr.model.heads[1](x.to(mr.model.heads[1].weight))
+        mean, std, W, b = mr._fit(1)
+    pred = (((x.double() - mean) / std) @ W + b).argmax(-1)
+    assert torch.equal(logits.argmax(-1), pred)
+    assert mr._evaluate(mr.prep.test[1], "test", 1) == pytest.approx(float((pred == y).double().mean()))
+    with pytest.raises(Exception, match="train.head_init=probe needs train.mode=classification"):
+        load_config(None, ["train.head_init=probe", "train.mode=generative"])

@@ -101,6 +101,9 @@ class TrainConfig:
     # classification: FWT from linear probes (a task's head fitted on the frozen backbone before the task,
     # vs on the untrained backbone); off: FWT from the accuracy matrix (a task's untrained head)
     fwt_probe: bool = True
+    # classification: how a task's head starts: random (nn.Linear init) | probe (LP-FT: the linear probe
+    # fitted on the task's training features of the backbone as it stands before the task, probe.py)
+    head_init: str = _f("random", choices=("random", "probe"))
     # processes: ddp (replicated model) | fsdp (FSDP2: frozen backbone sharded, adapters replicated);
     # auto = fsdp under `accelerate launch --use_fsdp`, else ddp
     parallel: str = _f("auto", choices=("auto", "ddp", "fsdp"))
@@ -255,6 +258,9 @@ def _check(cfg: RunConfig) -> RunConfig:
                 resolve_folder_order(d.root, d.order)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    need(cfg.train.head_init == "random" or cfg.train.mode == "classification",
+         f"train.head_init=probe needs train.mode=classification (a generative run has no heads); "
+         f"train.mode={cfg.train.mode}")
     need(d.text_key.strip() != "" and d.label_key.strip() != "", "data.text_key and data.label_key must be non-empty")
     s = d.synthetic
     need(s.num_words >= s.num_classes, f"data.synthetic.num_words ({s.num_words}) must be >= num_classes ({s.num_classes})")

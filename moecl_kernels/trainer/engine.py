@@ -43,7 +43,7 @@ from .metrics import add_transfer_gain, cl_metrics
 from .model import (ContinualModel, adapter_parameters, build_backbone, build_tokenizer, default_target_modules,
                     is_encoder, is_encoder_name)
 from .parallel import average_gradients, parallel_kind, shard_backbone
-from .probe import probe_accuracy
+from .probe import fit_probe, probe_accuracy_of, probe_head
 from .report import machine_info, write_comparison, write_method_report
 from .variants import adapter_group, warm_start_task_expert
 
@@ -209,6 +209,7 @@ class MethodRun:
         self.state: dict[str, Any] = {}
         self.model: Optional[ContinualModel] = None
         self.kind = parallel_kind(cfg.train.parallel, info)  # single | ddp | fsdp
+        self._fitted: dict[int, tuple] = {}  # task -> probe fitted on the backbone as it stands now
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, elapsed: float) -> None:
@@ -263,6 +264,7 @@ class MethodRun:
             if probing and k > 0 and k not in self.state["probe"]:
                 self.state["probe"][k] = self._probe(k)
             self._train_task(k, t0)
+            self._fitted.clear()  # the backbone has changed
             row = [self._evaluate(tests[j], "test", j) for j in range(len(tests))]
             self.state["R"].append(row)
             log.info("%s: after task %d (%s): test accuracy %s", self.name, k + 1, self.prep.tasks[k].name,
@@ -296,8 +298,12 @@ class MethodRun:
         cfg, info, st, model = self.cfg, self.info, self.state, self.model
         tc = cfg.train
         model.set_task(k)
-        if self.spec.warm and k > 0 and st["task_step"] == 0 and st["optimizer"] is None:
-            warm_start_task_expert(model.backbone, k)  # (a resumed task keeps its trained expert)
+        fresh = st["task_step"] == 0 and st["optimizer"] is None  # (a task resumed mid-way keeps its expert, head)
+        if self.spec.warm and k > 0 and fresh:
+            warm_start_task_expert(model.backbone, k)
+            self._fitted.clear()
+        if tc.head_init == "probe" and fresh:
+            self._init_head(k)
         params = [p for p in model.parameters() if p.requires_grad]
         if model.distill_lambda > 0 and k > 0:
             if st["drift_ref"] is None:  # the shared experts as the task starts (a resumed task keeps its own)
@@ -398,20 +404,34 @@ class MethodRun:
         self.model.memory[k] = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
     @torch.no_grad()
-    def _probe(self, task: int) -> float:
-        """Test accuracy of a linear probe for ``task`` on the backbone as it stands (probe.py);
-        every process computes every feature (its forwards stay in step under FSDP)."""
+    def _features(self, task: int, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [N, hidden] (routed as ``task``) and labels of ``items``; every process
+        computes every feature (its forwards stay in step under FSDP)."""
         model, bs, pad = self.model, self.cfg.train.eval_batch_size, self.prep.encoder.pad_id
         model.eval()
+        with model.task_view(task):
+            x = [model.encode(_to(collate(items[i:i + bs], pad, "classification"), self.info.device), "test").cpu()
+                 for i in range(0, len(items), bs)]
+        return torch.cat(x), torch.tensor([e.label for e in items])
 
-        def feats(items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-            with model.task_view(task):
-                x = [model.encode(_to(collate(items[i:i + bs], pad, "classification"), self.info.device), "test").cpu()
-                     for i in range(0, len(items), bs)]
-            return torch.cat(x), torch.tensor([e.label for e in items])
+    def _fit(self, task: int) -> tuple:
+        """The linear probe of ``task`` on the backbone as it stands (probe.py), fitted once per state."""
+        if task not in self._fitted:
+            self._fitted[task] = fit_probe(*self._features(task, self.prep.train[task]), self.prep.tasks[task].num_classes)
+        return self._fitted[task]
 
-        (xtr, ytr), (xte, yte) = feats(self.prep.train[task]), feats(self.prep.test[task])
-        return probe_accuracy(xtr, ytr, xte, yte, self.prep.tasks[task].num_classes)
+    def _probe(self, task: int) -> float:
+        """Test accuracy of a linear probe for ``task`` on the backbone as it stands."""
+        return probe_accuracy_of(self._fit(task), *self._features(task, self.prep.test[task]))
+
+    @torch.no_grad()
+    def _init_head(self, task: int) -> None:
+        """``train.head_init=probe``: task ``task``'s head := its probe on the backbone before the task
+        (deterministic: no draw from the training RNG; the same on every process)."""
+        weight, bias = probe_head(self._fit(task))
+        head = self.model.heads[task]
+        head.weight.copy_(weight.to(head.weight))
+        head.bias.copy_(bias.to(head.bias))
 
     def _evaluate(self, items: list[Encoded], phase: str, task: int) -> float:
         with self.model.task_view(task):

@@ -12,6 +12,9 @@ probe FWT asks instead what the backbone already knows about task i before train
 The probe is multinomial logistic regression on standardised features, fitted full-batch
 by L-BFGS from zero (deterministic; no draw from the training RNG, so adding the probe
 changes no training number). Isolated LoRA's FWT is 0 by construction.
+
+The same probe can start a task's head (``train.head_init=probe``: linear probing, then fine-tuning,
+"LP-FT", Kumar et al. 2022): :func:`probe_head` folds the standardisation into the weights.
 """
 
 from __future__ import annotations
@@ -45,8 +48,19 @@ def fit_probe(x: Tensor, y: Tensor, num_classes: int, l2: float = PROBE_L2, iter
     return mean, std, W.detach(), b.detach()
 
 
-def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int) -> float:
-    """Test accuracy of a probe fitted on the training features."""
-    mean, std, W, b = fit_probe(train_x, train_y, num_classes)
+def probe_head(probe: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(weight [C, d], bias [C]) of the linear layer computing the probe's logits from raw features:
+    ((x - mean) / std) W + b = x (W / std)  + (b - (mean / std) W)."""
+    mean, std, W, b = probe
+    return (W / std[:, None]).T.contiguous(), b - (mean / std) @ W
+
+
+def probe_accuracy_of(probe: tuple[Tensor, Tensor, Tensor, Tensor], test_x: Tensor, test_y: Tensor) -> float:
+    mean, std, W, b = probe
     pred = (((test_x.double() - mean) / std) @ W + b).argmax(-1)
     return float((pred == test_y).double().mean())
+
+
+def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int) -> float:
+    """Test accuracy of a probe fitted on the training features."""
+    return probe_accuracy_of(fit_probe(train_x, train_y, num_classes), test_x, test_y)
