@@ -4,7 +4,7 @@ gradients), one backend run through the contract (FwdArgs -> forward -> BwdArgs 
 and the one tolerance table:
 
     float64            relative error <= 1e-10
-    float32            relative error <= 1e-5
+    float32            relative error <= 1e-5, or 2x eager's error on the same draw where that is larger
     float16, bfloat16  at most 2x the eager backend's relative error in the same dtype
                        (floor: eps of the dtype. A correctly computed result is still rounded
                        to the dtype, once or twice, and on a tensor of a few elements -- the
@@ -126,6 +126,8 @@ def run(backend, inp: Inputs, **bwd_kw) -> dict:
 def tolerance(dtype: torch.dtype, eager: Optional[torch.Tensor], ref: torch.Tensor) -> float:
     """The tolerance table (module docstring) for one tensor."""
     if dtype in TOLERANCE:
+        if dtype == torch.float32 and eager is not None:  # a tiny, cancelling reduction can put fp32 eager itself
+            return max(TOLERANCE[dtype], 2 * rel_err(eager.cpu(), ref))  # near 1e-5 (a [1, 2] gate gradient: 1.39e-5)
         return TOLERANCE[dtype]
     return max(2 * rel_err(eager.cpu(), ref), EPS[dtype])
 
