@@ -116,7 +116,7 @@ def check(got: dict, eager: dict, ref: dict, dtype, what=""):
             assert got[k].abs().max() == 0, f"{what}{k}: expected zeros"
             continue
         e = rel_err(got[k].cpu(), r)
-        tol = tolerance(dtype, eager[k], r)
+        tol = tolerance(dtype, None if eager is None else eager[k], r)
         assert e <= tol, f"{what}{k}: relative error {e:.3g} > {tol:.3g}"
 
 
@@ -180,7 +180,7 @@ def test_needs_flags_and_frozen_experts(needs):
     fa, bwd = make_args(c, torch.float32, trainable=[True, False, True, False], **needs)
     ref = run("reference", to64(fa), bwd, torch.float64)
     got = run(TritonBackend(), fa, bwd, torch.float32)
-    check(got, got, ref, torch.float32)
+    check(got, None, ref, torch.float32)
     for n in FFN_GRAD_INPUTS:
         if "_task_" in n and got[n] is not None:
             assert got[n][[1, 3]].abs().max() == 0, n
