@@ -1,7 +1,7 @@
 """``python -m moecl_kernels`` / ``moecl``: subcommands.
 
   demo   (default) the main job: the trainer's offline synthetic benchmark when the trainer
-         is installed (MoE-CL with snapshots, MoE-CL, isolated and sequential LoRA), else ``check``
+         is installed (MoE-CL with snapshots and no GAN term, MoE-CL, isolated and sequential LoRA), else ``check``
   check  inject the fused layer into a tiny built-in Llama, run a mixed-task forward and
          backward on every available backend, compare with the reference backend and
          print a table (backend, max error, time)

@@ -306,3 +306,17 @@ def test_head_init_probe_starts_each_head_at_its_probe_without_touching_the_rng(
     assert mr._evaluate(mr.prep.test[1], "test", 1) == pytest.approx(float((pred == y).double().mean()))
     with pytest.raises(Exception, match="train.head_init=probe needs train.mode=classification"):
         load_config(None, ["train.head_init=probe", "train.mode=generative"])
+
+
+def test_snap_nogan_trains_as_nogan_and_evaluates_each_task_as_right_after_it(tmp_path):
+    """moecl_snap_nogan = moecl_nogan's training (same R diagonal, bit for bit) with every task evaluated
+    under the gate and shared expert it was trained with: no forgetting (R[i][j] = R[j][j])."""
+    assert not METHODS["moecl_snap_nogan"].adversarial and METHODS["moecl_snap"].adversarial
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=n", "methods=[moecl_nogan,moecl_snap_nogan]",
+                             "data.synthetic.num_tasks=3", "train.lr=1e-2", *SMALL[1:]])
+    res = run(cfg)
+    plain, snap = res["moecl_nogan"]["R"], res["moecl_snap_nogan"]["R"]
+    assert [plain[i][i] for i in range(3)] == [snap[i][i] for i in range(3)]
+    assert all(snap[i][j] == snap[j][j] for i in range(3) for j in range(i))
+    assert res["moecl_snap_nogan"]["metrics"]["BWT"] == 0.0
+    assert any(plain[i][j] != plain[j][j] for i in range(3) for j in range(i))  # lr 1e-2: the plain run forgets

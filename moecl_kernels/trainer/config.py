@@ -1,7 +1,7 @@
 """Run configuration: nested dataclasses, loaded from YAML/JSON, with ``key=value`` overrides.
 
 Every field has a default; the defaults are the offline demo (the synthetic benchmark,
-a tiny random-init Llama; MoE-CL with per-task snapshots, MoE-CL, isolated and sequential
+a tiny random-init Llama; MoE-CL with per-task snapshots and no GAN term, MoE-CL, isolated and sequential
 LoRA). A config file only names what it changes; unknown keys are errors (they name the key and the allowed ones).
 """
 
@@ -126,7 +126,7 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"  # results go to output_dir/name
     seed: int = _f(0, 0)
-    methods: list = _f(["moecl_snap", "moecl", "isolated_lora", "seq_lora"])  # a list, a comma string, or "all"
+    methods: list = _f(["moecl_snap_nogan", "moecl", "isolated_lora", "seq_lora"])  # a list, a comma string, or "all"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

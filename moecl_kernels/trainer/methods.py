@@ -23,6 +23,7 @@ every idea they combine):
 | ``moecl_snap``        | taskgate + taskshared: everything task j's path uses is frozen with task j            |
 | ``moecl_snap_dmem``   | snap + dmem                                                                           |
 | ``moecl_snap_warm``   | snap + warm                                                                           |
+| ``moecl_snap_nogan``  | snap without the adversarial term (lambda = 0, as ``moecl_nogan``)                    |
 
 O-LoRA (Wang et al. 2023): the LoRA of task k is trained with ``lambda_orth *
 sum_{j<k} |A_k A_j^T|_1`` against the frozen A's of earlier tasks; after the task it
@@ -90,7 +91,8 @@ BASELINES = tuple(METHODS)
 
 
 def _variant(name: str, **ideas: bool) -> MethodSpec:
-    return MethodSpec(name, task_experts=True, gate=True, shared=True, adversarial=True, **ideas)
+    """``moecl`` with ``ideas`` switched on (``adversarial=False`` drops its GAN term instead)."""
+    return MethodSpec(name, **{"task_experts": True, "gate": True, "shared": True, "adversarial": True, **ideas})
 
 
 for _name, _ideas in {
@@ -103,6 +105,7 @@ for _name, _ideas in {
     "moecl_snap": dict(task_gate=True, task_shared=True),
     "moecl_snap_dmem": dict(task_gate=True, task_shared=True, disc_memory=True),
     "moecl_snap_warm": dict(task_gate=True, task_shared=True, warm=True),
+    "moecl_snap_nogan": dict(task_gate=True, task_shared=True, adversarial=False),
 }.items():
     METHODS[_name] = _variant(_name, **_ideas)
 
