@@ -279,3 +279,39 @@ def test_plain_mlp_rejects_gate_projection_lora_and_ungated_pooling():
     x = inp.pop("x")
     with pytest.raises(ValueError, match="pool needs a gated MLP"):
         moe_lora_mlp(x, R, activation="gelu", scale=1.0, pool=pool_w, **inp)
+
+
+@pytest.mark.parametrize("level", ["ffn", "linear"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_workspace_buffers_never_escape_a_call(level, p):
+    """The eager CPU workspace reuses large temporaries across calls: nothing a call returns or
+    saves for backward may live in them, so a second call (other inputs, same shapes) leaves the
+    first call's outputs and gradients unchanged."""
+    from helpers import op_inputs
+    from moecl_kernels.ops.linear import moe_lora_linear
+
+    def call(seed):
+        torch.manual_seed(seed)
+        T, E = 96, 3  # T x d_ff fp32 temporaries above the workspace's 64 KiB floor
+        if level == "ffn":
+            inp, g = ffn_inputs(T, 24, 200, 4, E, dtype=torch.float32, seed=seed)
+            x = inp.pop("x")
+            R = build_routing(token_tasks("mixed", T, E, g), E, T)
+            outs = moe_lora_mlp(x, R, activation="silu", scale=1.7, dropout_p=p, seed=torch.tensor(seed),
+                                backend="eager", **inp)
+            y = outs[0]
+        else:
+            inp, g = op_inputs(T, 200, 180, 4, E, dtype=torch.float32, seed=seed)
+            x = inp["x"]
+            R = build_routing(token_tasks("mixed", T, E, g), E, T)
+            y = moe_lora_linear(**inp, routing=R, scale=1.7, dropout_p=p, seed=torch.tensor(seed), backend="eager")
+        leaves = [x] + [v for v in inp.values() if v is not None and v.requires_grad and v is not x]
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        return [y.detach(), *grads]
+
+    first = call(1)
+    kept = [t.clone() for t in first]
+    call(2)
+    call(3)
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)

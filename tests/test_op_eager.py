@@ -99,6 +99,31 @@ def test_task_grads_skipped_when_no_expert_trains():
     assert inp["task_A"].grad is None and inp["shared_A"].grad is not None
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31 + 5, 2**32 - 1, 2**40 + 3, -9])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
+def test_fast_mask_is_the_formula_bit_for_bit(seed, p):
+    """The int32 mask (wrap-around multiplies, chunked rows) equals the exact int64 formula, for
+    int and tensor seeds, large row/column indices, and more rows than one chunk holds."""
+    from moecl_kernels.contract import dropout as D
+
+    rows = torch.cat([torch.arange(0, 700), torch.tensor([65535, 65536, 2**20 + 3, 2**31 - 1])])
+    cols = torch.cat([torch.arange(0, 1500), torch.tensor([4095, 2**16 + 1, 2**24 - 1])])
+    want = D.keep_mask_reference(seed, rows, cols, p)
+    assert torch.equal(D.keep_mask(seed, rows, cols, p), want)
+    assert torch.equal(D.keep_mask(torch.tensor(seed), rows, cols, p), want)
+    assert torch.equal(D.dropout_mask(seed, 5, 3, p), D.keep_mask_reference(seed, torch.arange(5), torch.arange(3), p))
+    assert D.dropout_mask(seed, 0, 3, p).shape == (0, 3)
+
+
+def test_dropout_bad_input_named():
+    from moecl_kernels.contract import dropout as D
+
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        D.dropout_mask(1, 4, 4, 1.0)
+    with pytest.raises(ValueError, match="seed must be one integer"):
+        D.dropout_mask(torch.tensor(float("nan")), 4, 4, 0.1)
+
+
 def test_dropout_reproducible_and_seeded():
     m1 = dropout_mask(7, 300, 257, 0.1)
     m2 = dropout_mask(7, 300, 257, 0.1)

@@ -1,10 +1,15 @@
 """The eager PyTorch backend: what a good PyTorch user would write.
 
-Forward: base GEMM, shared shrink on the whole batch, one task-expert GEMM pair per
-task present (``index_select`` / ``index_add_``, like PEFT's mixed-batch path), the
-gated LoRA terms accumulated into the base output with ``addmm_``. Backward is
-explicit: it saves only x (shared with the base), the rank-r intermediates and the
-gates, regenerates the dropout mask, and skips weight gradients of frozen experts.
+Forward: base GEMM, then the LoRA terms accumulated into the base output with ``addmm_``:
+a batch of one task runs the shared and the task expert as one rank-2r LoRA (one shrink,
+one expand); a mixed batch runs the shared expert on the whole batch and the routed experts
+either by a per-token gather (``bmm``, when the batch is small: decode) or one GEMM pair per
+task present (``index_select`` / ``index_add_``, like PEFT's mixed-batch path).
+
+Backward is explicit: it saves only x (shared with the base), the rank-r intermediates and
+the gates, regenerates the dropout mask (``contract.dropout``'s int32 hash) and skips weight
+gradients of frozen experts. Weight gradients run in the orientation CPU BLAS is fast at
+(``eager_parts.wgrad``).
 
 This is the baseline the kernels are measured against: honest, not slow on purpose.
 The one host sync it makes is reading the expert offsets when the router could not
@@ -19,18 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import BwdArgs, FwdArgs, acc_dtype, apply_dropout, coefficients, dropout_scale
-from .eager_ffn import EagerFFN, expert_groups
-
-
-def _coef(a: FwdArgs, x: Tensor) -> Tensor:
-    """[T, 2] effective coefficients (``contract.args``)."""
-    return coefficients(x, a.gate_weight, a.token_task)
-
-
-def _groups(a: FwdArgs) -> list[tuple[int, Optional[Tensor]]]:
-    """(expert, token index or None=all tokens) for every expert with tokens."""
-    return expert_groups(a, a.task_A.shape[0])
+from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype
+from .eager_ffn import EagerFFN
+from .eager_parts import (GATHER_ELEMENTS, Dropout, Workspace, add_rows, thin, coefficients_fast, expert_groups, gate_logit_grad,
+                          rows, wgrad, wgrad_t)
 
 
 class EagerBackend(EagerFFN):
@@ -41,92 +38,116 @@ class EagerBackend(EagerFFN):
         return None
 
     def forward(self, a: FwdArgs):
+        with Workspace(a.x.device) as ws:
+            return self._forward(a, ws)
+
+    def _forward(self, a: FwdArgs, ws: Workspace):
         x, s = a.x, a.scale
-        acc = acc_dtype(x.dtype)
+        dt, acc = x.dtype, acc_dtype(x.dtype)
         T, r = x.shape[0], a.shared_A.shape[0]
         y = F.linear(x, a.weight, a.bias)
-        xd = apply_dropout(x, a.dropout_p, a.seed)
-        coef = _coef(a, x)
+        drop = Dropout(x, a.dropout_p, a.seed, ws)
+        xd = drop.into(x, ws.like(x) if drop.mask is not None else None)
+        coef = coefficients_fast(x, a.gate_weight, a.token_task, a.single_task)
+        sc = coef * s
         if a.single_task >= 0:
             # one task: shared and task expert as one rank-2r LoRA (one shrink, one addmm into y)
             k = a.single_task
-            h = F.linear(xd, torch.cat([a.shared_A, a.task_A[k]])).to(acc)  # [T, 2r]
-            g = (h * (s * coef).repeat_interleave(r, dim=1)).to(x.dtype)
+            h = thin(xd, torch.cat([a.shared_A, a.task_A[k]])).to(acc)  # [T, 2r]
+            g = (h.view(T, 2, r) * sc.unsqueeze(2)).view(T, 2 * r).to(dt)
             y.addmm_(g, torch.cat([a.shared_B, a.task_B[k]], dim=1).t())
             return y, h[:, :r].clone(), h[:, r:].clone(), coef  # outputs must not alias
-        h_s = F.linear(xd, a.shared_A).to(acc)
-        y.addmm_((h_s * (s * coef[:, :1])).to(x.dtype), a.shared_B.t())  # y += s c_s h_s B_s^T
-        h_t = torch.zeros(T, r, device=x.device, dtype=acc)
-        for e, idx in _groups(a):  # PEFT-style mixed batch: one GEMM pair per task present
+        h_s = thin(xd, a.shared_A).to(acc).contiguous()
+        y.addmm_((h_s * sc[:, :1]).to(dt), a.shared_B.t())  # y += s c_s h_s B_s^T
+        h_t = x.new_zeros((T, r), dtype=acc)
+        if a.single_task == SINGLE_NONE:
+            return y, h_s, h_t, coef
+        E, d_in, d_out = a.task_A.shape[0], x.shape[1], y.shape[1]
+        if T * r * (d_in + d_out) <= GATHER_ELEMENTS:
+            # few tokens (decode): each token's expert by a gather, two batched GEMVs, no host work
+            has = a.token_task >= 0
+            idx = a.token_task.long().clamp(min=0)
+            ht = torch.bmm(a.task_A[idx], xd.unsqueeze(2)).squeeze(2).to(acc)
+            h_t = torch.where(has.unsqueeze(1), ht, 0)
+            y.add_(torch.bmm(a.task_B[idx], (h_t * sc[:, 1:]).to(dt).unsqueeze(2)).squeeze(2))
+            return y, h_s, h_t, coef
+        for e, idx in expert_groups(a, E):  # PEFT-style mixed batch: one GEMM pair per task present
             he = F.linear(xd.index_select(0, idx), a.task_A[e]).to(acc)
             h_t.index_copy_(0, idx, he)
-            ge = (he * (s * coef.index_select(0, idx)[:, 1:])).to(x.dtype)
-            y.index_add_(0, idx, F.linear(ge, a.task_B[e]))
+            y.index_add_(0, idx, F.linear((he * sc.index_select(0, idx)[:, 1:]).to(dt), a.task_B[e]))
         return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
+        with Workspace(a.x.device) as ws:
+            return self._backward(a, ws)
+
+    def _backward(self, a: BwdArgs, ws: Workspace):
         x, gy, s = a.x, a.grad_y, a.scale
-        dt = x.dtype
-        acc = acc_dtype(dt)
-        E = a.task_A.shape[0]
+        dt, acc = x.dtype, acc_dtype(x.dtype)
+        T, r, E = x.shape[0], a.shared_A.shape[0], a.task_A.shape[0]
         coef, h_s, h_t = a.coef, a.h_s, a.h_t
+        sc = coef * s
+        groups = expert_groups(a, E)
         # logit gradients: for dW_g, and for dx (the gate sees x) even when W_g is frozen
-        need_gate = a.gate_weight is not None and (a.needs_gate or a.needs_dx)
-        any_task_grad = a.needs_task and any(a.trainable(e) for e in range(E))
-        need_xd = a.needs_shared or any_task_grad
-        mask = dropout_scale(x, a.dropout_p, a.seed) if (need_xd or a.needs_dx) else None  # one hash pass
-        xd = (x if mask is None else x * mask) if need_xd else None
-        need_dxd = a.needs_dx
-        dx = F.linear(gy, a.weight.t()) if a.needs_dx else None  # base dgrad: gy @ W
-        gbeta = torch.zeros_like(coef) if need_gate else None  # dL/dbeta (fp32)
-
-        # shared expert
-        g_hs = F.linear(gy, a.shared_B.t()).to(acc)  # gy @ B_s: [T, r]
-        dhs = g_hs * (s * coef[:, :1])  # dL/dh_s
-        dA_s = dB_s = None
-        if a.needs_shared:
-            dB_s = F.linear(gy.t(), (h_s * (s * coef[:, :1])).to(dt).t())  # gy^T @ (s c h_s): [d_out, r]
-            dA_s = F.linear(dhs.to(dt).t(), xd.t())  # dhs^T @ xd: [r, d_in]
-        if need_gate:
-            gbeta[:, 0] = s * (g_hs * h_s).sum(1)
-        dxd = F.linear(dhs.to(dt), a.shared_A.t()) if need_dxd else None  # [T, d_in]
-
-        dA = dB = None
+        need_gate = a.gate_weight is not None and (a.needs_gate or a.needs_dx) and a.single_task != SINGLE_NONE
+        need_xd = a.needs_shared or any(a.trainable(e) for e, _ in groups)
+        drop = Dropout(x, a.dropout_p if (need_xd or a.needs_dx) else 0.0, a.seed, ws)  # one hash pass
+        xd = drop.into(x, ws.like(x) if drop.mask is not None else None) if need_xd else None
+        dx = gy @ a.weight if a.needs_dx else None  # base dgrad
+        dA_s = dB_s = dA = dB = dxd = None
+        gbeta = x.new_zeros((T, 2), dtype=acc) if need_gate else None  # dL/dbeta
         if a.needs_task:
-            dA = torch.zeros_like(a.task_A)
-            dB = torch.zeros_like(a.task_B)
-        for e, idx in _groups(a):
-            gy_e = gy if idx is None else gy.index_select(0, idx)
-            ht_e = h_t if idx is None else h_t.index_select(0, idx)
-            c_e = coef[:, 1:] if idx is None else coef.index_select(0, idx)[:, 1:]
-            g_ht = F.linear(gy_e, a.task_B[e].t()).to(acc)  # [n, r]
-            dht = g_ht * (s * c_e)
+            dA, dB = torch.zeros_like(a.task_A), torch.zeros_like(a.task_B)
+
+        if a.single_task >= 0:  # shared + task expert as one rank-2r LoRA
+            k = a.single_task
+            g = (gy @ torch.cat([a.shared_B, a.task_B[k]], dim=1)).to(acc)  # [T, 2r]
+            h = torch.cat([h_s, h_t], dim=1)
+            sc2 = sc.repeat_interleave(r, dim=1)
+            dh = g * sc2
             if need_gate:
-                gb = s * (g_ht * ht_e).sum(1)
-                if idx is None:
-                    gbeta[:, 1] = gb
-                else:
-                    gbeta[:, 1].index_copy_(0, idx, gb)
-            if a.trainable(e):
-                xd_e = xd if idx is None else xd.index_select(0, idx)
-                dB[e] = F.linear(gy_e.t(), (ht_e * (s * c_e)).to(dt).t())
-                dA[e] = F.linear(dht.to(dt).t(), xd_e.t())
-            if need_dxd:
-                contrib = F.linear(dht.to(dt), a.task_A[e].t())
-                if idx is None:
-                    dxd.add_(contrib)
-                else:
-                    dxd.index_add_(0, idx, contrib)
+                gbeta = s * (g * h).view(T, 2, r).sum(2)
+            trained = [a.needs_shared, a.trainable(k)]
+            if any(trained):
+                lo, hi = (0 if trained[0] else r), (2 * r if trained[1] else r)
+                dBc = wgrad((h[:, lo:hi] * sc2[:, lo:hi]).to(dt), gy)  # [n r, d_out]
+                dAc = wgrad(dh[:, lo:hi].to(dt), xd)  # [n r, d_in]
+                if trained[0]:
+                    dB_s, dA_s = dBc[:r].t().contiguous(), dAc[:r].clone()
+                if trained[1]:
+                    dB[k], dA[k] = dBc[-r:].t(), dAc[-r:]
+            if a.needs_dx:
+                dxd = torch.mm(dh.to(dt), torch.cat([a.shared_A, a.task_A[k]]), out=ws.like(x))
+        else:
+            g_s = (gy @ a.shared_B).to(acc)  # [T, r]
+            dhs = g_s * sc[:, :1]
+            if need_gate:
+                gbeta[:, 0] = s * (g_s * h_s).sum(1)
+            if a.needs_shared:
+                dB_s = wgrad_t(gy, (h_s * sc[:, :1]).to(dt))
+                dA_s = wgrad(dhs.to(dt), xd)
+            if a.needs_dx:
+                dxd = torch.mm(dhs.to(dt), a.shared_A, out=ws.like(x))
+            for e, idx in groups:
+                gy_e, ht_e, sc_e = gy.index_select(0, idx), h_t.index_select(0, idx), sc.index_select(0, idx)[:, 1:]
+                g_t = (gy_e @ a.task_B[e]).to(acc)  # [n, r]
+                dht = g_t * sc_e
+                if need_gate:
+                    gbeta[:, 1].index_copy_(0, idx, s * (g_t * ht_e).sum(1))
+                if a.trainable(e):
+                    dB[e] = wgrad_t(gy_e, (ht_e * sc_e).to(dt))
+                    dA[e] = wgrad(dht.to(dt), rows(xd, idx))
+                if a.needs_dx:
+                    add_rows(dxd, idx, dht.to(dt) @ a.task_A[e])
 
         dgate = None
-        if need_dxd:
-            dx.add_(dxd if mask is None else dxd * mask)
+        if dxd is not None:
+            dx.add_(drop.apply_(dxd))
         if need_gate:
-            beta = coef  # for tokens with a task and gate on, coef == beta
-            has = (a.token_task >= 0).unsqueeze(1)
-            dlog = beta * (gbeta - (beta * gbeta).sum(1, keepdim=True))
-            dlog = torch.where(has, dlog, torch.zeros_like(dlog))
-            dgate = dlog.to(dt).t() @ x if a.needs_gate else None  # [2, d_in]
+            dlog = gate_logit_grad(coef, gbeta, a.token_task, a.single_task).to(dt)
+            dgate = wgrad(dlog, x) if a.needs_gate else None  # [2, d_in]
             if a.needs_dx:
-                dx.add_(F.linear(dlog.to(dt), a.gate_weight.t()))
+                dx.addmm_(dlog, a.gate_weight)
+        elif a.needs_gate and a.gate_weight is not None:
+            dgate = torch.zeros_like(a.gate_weight)
         return dx, dA_s, dB_s, dA, dB, dgate

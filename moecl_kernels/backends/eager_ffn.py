@@ -1,14 +1,19 @@
 """The eager PyTorch implementation of the FFN-level op (docs/spec.md §1.3), the baseline the
 FFN kernels are measured against and the reference for the rest.
 
-Forward: the base gate/up GEMMs once; the rank-r shrinks of x~ (both projections of an expert in
-one GEMM); per expert its rank-r terms added to g and u, h_e = act(pg_e) * pu_e (the routed
-expert per task group, as the linear eager backend does), the mixed h; ONE base down GEMM on h;
-the down LoRA terms from rank-r shrinks of h~_s and h~_t. Saved: g, u and rank-r factors only.
+Forward: the base gate/up GEMMs once; the rank-r shrinks of x~ (every projection of both
+experts in one GEMM when the batch has one task); each expert's rank-r terms added to g and u
+by ``addmm`` (one per projection and expert), h_e = act(pg_e) * pu_e evaluated over all tokens
+(the routed expert's terms assembled per task group in a mixed batch), the mixed h by one
+``lerp``; ONE base down GEMM on h; the down LoRA terms from rank-r shrinks of h~_s and h~_t.
+Saved: g, u and rank-r factors only.
 
 Backward (explicit): recomputes h_e from the saved g, u and rank-r factors, runs the base dgrad
-GEMMs (gy W_down, then dg W_gate + du W_up) once, and the LoRA, gate and pooled-output terms
-from rank-r shrinks and expands. Frozen experts' weight gradients cost no compute.
+GEMMs (gy W_down, then du W_up + dg W_gate) once, and the LoRA, gate and pooled-output terms
+from rank-r shrinks and expands; the activation's gradient is PyTorch's own fused kernel
+(``activation_backward``). Frozen experts' weight gradients cost no compute. Each dropout mask
+is built once per call (``eager_parts.Dropout``); weight gradients run in the orientation CPU
+BLAS is fast at.
 """
 
 from __future__ import annotations
@@ -19,45 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import SINGLE_NONE, acc_dtype, coefficients, dropout_scale, host_offsets
-from ..contract.activations import activation, activation_grad
+from ..contract import SINGLE_NONE, acc_dtype
+from ..contract.activations import activation_, activation_backward_, activation_into
 from ..contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs, down_seed
-
-
-def expert_groups(a, num_experts: int) -> list[tuple[int, Optional[Tensor]]]:
-    """(expert, token index or None = all tokens) for every expert with tokens (routing fields of ``a``)."""
-    if a.single_task >= 0:
-        return [(a.single_task, None)]
-    if a.single_task == SINGLE_NONE:
-        return []
-    off = host_offsets(a)
-    return [(e, a.sorted_idx[off[e]: off[e + 1]].long()) for e in range(num_experts) if off[e + 1] > off[e]]
-
-
-def _rows(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or idx is None else t.index_select(0, idx)
-
-
-def _add_rows(out: Tensor, idx: Optional[Tensor], value: Tensor) -> None:
-    if idx is None:
-        out.add_(value)
-    else:
-        out.index_add_(0, idx, value)
-
-
-def _set_rows(out: Tensor, idx: Optional[Tensor], value: Tensor) -> None:
-    if idx is None:
-        out.copy_(value)
-    else:
-        out.index_copy_(0, idx, value)
+from .eager_parts import (Dropout, Workspace, coefficients_fast, expert_groups, gate_logit_grad, rows, set_rows, thin,
+                          wgrad, wgrad_t)
 
 
 class _Ffn:
     """Per-call constants of the op: which projections carry LoRA before the activation, the
-    experts' weights by projection, the masks and the rank."""
+    experts' weights by projection, the token groups and the rank."""
 
-    def __init__(self, a: FfnFwdArgs) -> None:
+    def __init__(self, a: FfnFwdArgs, ws: Workspace) -> None:
         self.a = a
+        self.ws = ws
         self.dt = a.x.dtype
         self.acc = acc_dtype(self.dt)
         self.s = a.scale
@@ -66,6 +46,8 @@ class _Ffn:
         self.gated_mlp = a.gated_mlp
         self.pre = ("gate_proj", "up_proj") if self.gated_mlp else ("up_proj",)
         self.moe_gated = a.moe_gate is not None
+        self.single = a.single_task if a.single_task >= 0 else None
+        self.any_task = a.single_task != SINGLE_NONE
         self.groups = expert_groups(a, self.E)
 
     def A_cat(self, e: Optional[int]) -> Tensor:
@@ -78,209 +60,286 @@ class _Ffn:
     def B(self, proj: str, e: Optional[int]) -> Tensor:
         return getattr(self.a, f"{proj}_shared_B") if e is None else getattr(self.a, f"{proj}_task_B")[e]
 
-    def lora_terms(self, e: Optional[int], a_rows: Tensor) -> tuple[Optional[Tensor], Tensor]:
-        """s a B^T of expert e (None = shared) for the gate and up projections (gate: None for a plain MLP)."""
-        sa = (self.s * a_rows).to(self.dt)
-        t_g = F.linear(sa[:, :self.r], self.B("gate_proj", e)) if self.gated_mlp else None
-        return t_g, F.linear(sa[:, -self.r:], self.B("up_proj", e))
-
-    def shared_pre_acts(self, g: Optional[Tensor], u: Tensor, a_s: Tensor) -> tuple[Optional[Tensor], Tensor]:
-        """(pg_s, pu_s): the base pre-activations plus the shared expert's s a B^T (gate: None for a plain MLP)."""
-        sa = (self.s * a_s).to(self.dt)
-        pg = torch.addmm(g, sa[:, :self.r], self.B("gate_proj", None).t()) if self.gated_mlp else None
-        return pg, torch.addmm(u, sa[:, -self.r:], self.B("up_proj", None).t())
-
-    def task_terms(self, a_t: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """s a_t B_t^T of every token's routed expert for the gate and up projections, [T, d_ff]
-        each (0 for tokens without a task; None when no token has one). The routed expert's
-        evaluation then runs over all tokens at once, laid out like the shared one, so that with
-        B = 0 both are bitwise the base MLP's (elementwise kernels may round a row subset
-        differently)."""
-        if not self.groups:
-            return None, None
-        out = [None, None]
+    def shrink(self, xd: Tensor) -> tuple[Tensor, Tensor]:
+        """(a_s, a_t) = x~ A^T of the shared and each token's routed expert, [T, n r] each in acc
+        (a_t is 0 for tokens without a task)."""
+        T, n = xd.shape[0], len(self.pre) * self.r
+        if self.single is not None:  # one GEMM for every projection of both experts
+            both = thin(xd, torch.cat([self.A_cat(None), self.A_cat(self.single)])).to(self.acc)
+            return both[:, :n].clone(), both[:, n:].clone()  # outputs must not alias
+        a_s = thin(xd, self.A_cat(None)).to(self.acc).contiguous()
+        a_t = xd.new_zeros((T, n), dtype=self.acc)
         for e, idx in self.groups:
-            for i, term in enumerate(self.lora_terms(e, _rows(a_t, idx))):
-                if term is None:
-                    continue
-                if idx is None:
-                    out[i] = term
-                    continue
-                if out[i] is None:
-                    out[i] = term.new_zeros((a_t.shape[0], term.shape[1]))
-                out[i].index_copy_(0, idx, term)
-        return out[0], out[1]
+            set_rows(a_t, idx, F.linear(rows(xd, idx), self.A_cat(e)).to(self.acc))
+        return a_s, a_t
 
-    def hidden(self, pg: Optional[Tensor], pu: Tensor, need_grad: bool = False):
-        """h = act(pg) * pu (plain MLP: act(pu)); with ``need_grad`` also (act, act') of the activation's input."""
+    def pre_acts(self, g: Optional[Tensor], u: Tensor, a_s: Tensor, a_t: Tensor, experts: tuple) -> tuple:
+        """(pg, pu), workspace tensors: the base pre-activations plus the rank-r terms of ``experts`` (a
+        subset of ("s", "t")); pg is None for a plain MLP. The routed expert's terms come from one
+        addmm per projection in a one-task batch, else are added per task group."""
+        r, s, dt = self.r, self.s, self.dt
+        out = []
+        for i, (base, proj) in enumerate(((g, "gate_proj"), (u, "up_proj")) if self.gated_mlp else ((u, "up_proj"),)):
+            cols = slice(i * r, (i + 1) * r)
+            left, right = [], []
+            if "s" in experts:
+                left.append(a_s[:, cols]), right.append(self.B(proj, None))
+            if "t" in experts and self.single is not None:
+                left.append(a_t[:, cols]), right.append(self.B(proj, self.single))
+            p = self.ws.like(base)
+            if left:
+                torch.addmm(base, (s * torch.cat(left, 1)).to(dt), torch.cat(right, 1).t(), out=p)
+            else:
+                p.copy_(base)
+            if "t" in experts and self.single is None:
+                for e, idx in self.groups:
+                    p.index_add_(0, idx, F.linear((s * rows(a_t, idx)[:, cols]).to(dt), self.B(proj, e)))
+            out.append(p)
+        return (out[0], out[1]) if self.gated_mlp else (None, out[0])
+
+    def hidden_(self, pg: Optional[Tensor], pu: Tensor) -> Tensor:
+        """h = act(pg) * pu (plain MLP: act(pu)), written into pg (plain: pu), which it returns."""
         kind = self.a.activation
-        z = pg if self.gated_mlp else pu
-        act = activation(kind, z)
-        h = act * pu if self.gated_mlp else act
-        return (h, act, activation_grad(kind, z)) if need_grad else h
+        if not self.gated_mlp:
+            return activation_(kind, pu)
+        return activation_(kind, pg).mul_(pu)
 
-    def down_mask(self, like: Tensor) -> Optional[Tensor]:
-        a = self.a
-        return dropout_scale(like, a.dropout_p, down_seed(a.seed)) if a.dropout_p > 0.0 else None
+    def backprop_(self, pg: Optional[Tensor], pu: Tensor, dh: Tensor, need_h: bool) -> tuple:
+        """(h or None, dpg, dpu) of one FFN evaluation, recomputed from its pre-activations (which
+        it overwrites), given dL/dh (overwritten too: it becomes dpg, or dpu for a plain MLP)."""
+        kind = self.a.activation
+        if not self.gated_mlp:
+            dpu = activation_backward_(kind, dh, pu)
+            return (activation_(kind, pu) if need_h else None), None, dpu
+        act = activation_into(kind, pg, self.ws.like(pg))
+        dpu = torch.mul(dh, act, out=self.ws.like(dh))
+        dpg = activation_backward_(kind, dh.mul_(pu), pg)
+        return (act.mul_(pu) if need_h else None), dpg, dpu
 
 
 class EagerFFN:
     """``ffn_forward`` / ``ffn_backward`` of the eager backend (mixed into ``EagerBackend``)."""
 
     def ffn_forward(self, a: FfnFwdArgs):
-        c = _Ffn(a)
+        with Workspace(a.x.device) as ws:
+            return self._ffn_forward(a, ws)
+
+    def _ffn_forward(self, a: FfnFwdArgs, ws: Workspace):
+        c = _Ffn(a, ws)
         x, s, dt, acc, r = a.x, c.s, c.dt, c.acc, c.r
         T = x.shape[0]
-        g = F.linear(x, a.gate_proj_weight, a.gate_proj_bias) if c.gated_mlp else x.new_empty((0,))
+        g = F.linear(x, a.gate_proj_weight, a.gate_proj_bias) if c.gated_mlp else None
         u = F.linear(x, a.up_proj_weight, a.up_proj_bias)
-        coef = coefficients(x, a.moe_gate, a.token_task)
-        xd = _masked(x, dropout_scale(x, a.dropout_p, a.seed) if a.dropout_p > 0.0 else None)
-        a_s = F.linear(xd, c.A_cat(None)).to(acc)  # both pre-activation projections in one GEMM
-        a_t = torch.zeros(T, len(c.pre) * r, device=x.device, dtype=acc)
-        for e, idx in c.groups:
-            _set_rows(a_t, idx, F.linear(_rows(xd, idx), c.A_cat(e)).to(acc))
-        gg = g if c.gated_mlp else None
-        pg_s, pu_s = c.shared_pre_acts(gg, u, a_s)
-        t_g, t_u = c.task_terms(a_t)
+        coef = coefficients_fast(x, a.moe_gate, a.token_task, a.single_task)
+        drop_x = Dropout(x, a.dropout_p, a.seed, ws)
+        a_s, a_t = c.shrink(drop_x.into(x, ws.like(x) if drop_x.mask is not None else None))
         if c.moe_gated:  # two FFN evaluations mixed by the gate: h = h_s + c_t (h_t - h_s)
-            h_s, h_t = c.hidden(pg_s, pu_s), c.hidden(_plus(gg, t_g), _plus(u, t_u))
-            h = h_s + coef[:, 1:].to(dt) * (h_t - h_s)
+            h_s = c.hidden_(*c.pre_acts(g, u, a_s, a_t, ("s",)))
+            h_t = c.hidden_(*c.pre_acts(g, u, a_s, a_t, ("t",))) if c.any_task else h_s
         else:  # one FFN carrying both experts' LoRA terms (what three ungated linears compute)
-            h = h_s = h_t = c.hidden(_plus(pg_s, t_g), _plus(pu_s, t_u))
-        mask = c.down_mask(h_s)
-        z_s = F.linear(_masked(h_s, mask), a.down_proj_shared_A).to(acc)
-        z_t = torch.zeros(T, r, device=x.device, dtype=acc)
-        for e, idx in c.groups:
-            _set_rows(z_t, idx, F.linear(_masked(_rows(h_t, idx), _rows(mask, idx)), a.down_proj_task_A[e]).to(acc))
-        y = F.linear(h, a.down_proj_weight, a.down_proj_bias)  # ONE base down GEMM on the mixed h
-        y.addmm_((z_s * (s * coef[:, :1])).to(dt), a.down_proj_shared_B.t())
-        for e, idx in c.groups:
-            _add_rows(y, idx, F.linear((_rows(z_t, idx) * (s * _rows(coef, idx)[:, 1:])).to(dt), a.down_proj_task_B[e]))
+            h_s = h_t = c.hidden_(*c.pre_acts(g, u, a_s, a_t, ("s", "t")))
         h_pool, z_pool = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-        if a.pool is not None:  # the shared expert's h and z, pooled per sequence (docs/spec.md §1.3)
+        if a.pool is not None:  # the shared expert's h, pooled per sequence (docs/spec.md §1.3)
             B, S = a.pool.shape
             w = a.pool.to(acc).unsqueeze(1)
             h_pool = torch.bmm(w, h_s.view(B, S, -1).to(acc)).squeeze(1)
+        drop_h = Dropout(h_s, a.dropout_p, down_seed(a.seed) if a.seed is not None else None, ws)
+        z_s, z_t = self._down_shrink(c, drop_h, h_s, h_t)
+        if a.pool is not None:
             z_pool = torch.bmm(w, z_s.view(B, S, r)).squeeze(1)
-        return y, g, u, a_s, a_t, z_s, z_t, coef, h_pool, z_pool
+        h = h_s.lerp_(h_t, coef[:, 1:].to(dt)) if h_t is not h_s else h_s  # the mixed h, in h_s's memory
+        y = F.linear(h, a.down_proj_weight, a.down_proj_bias)  # ONE base down GEMM on the mixed h
+        sc = s * coef
+        if c.single is not None:
+            y.addmm_(torch.cat([z_s * sc[:, :1], z_t * sc[:, 1:]], 1).to(dt),
+                     torch.cat([a.down_proj_shared_B, a.down_proj_task_B[c.single]], 1).t())
+        else:
+            y.addmm_((z_s * sc[:, :1]).to(dt), a.down_proj_shared_B.t())
+            for e, idx in c.groups:
+                y.index_add_(0, idx, F.linear((rows(z_t, idx) * rows(sc, idx)[:, 1:]).to(dt), a.down_proj_task_B[e]))
+        return y, (g if g is not None else x.new_empty((0,))), u, a_s, a_t, z_s, z_t, coef, h_pool, z_pool
+
+    @staticmethod
+    def _down_shrink(c: _Ffn, drop: Dropout, h_s: Tensor, h_t: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_s, z_t) = h~_e A_down,e^T [T, r] in acc (z_t 0 without a task); one scratch buffer
+        holds each masked h in turn."""
+        a, acc, T = c.a, c.acc, h_s.shape[0]
+        A_s = a.down_proj_shared_A
+        scratch = drop.into(h_s, c.ws.like(h_s) if drop.mask is not None else None)
+        if c.single is not None and h_t is h_s:  # ungated: one shrink of h~ for both experts
+            z = thin(scratch, torch.cat([A_s, a.down_proj_task_A[c.single]])).to(acc)
+            return z[:, :c.r].clone(), z[:, c.r:].clone()
+        z_s = thin(scratch, A_s).to(acc).contiguous()
+        if c.single is not None:
+            return z_s, thin(drop.into(h_t, scratch), a.down_proj_task_A[c.single]).to(acc).contiguous()
+        z_t = z_s.new_zeros((T, c.r))
+        for e, idx in c.groups:
+            set_rows(z_t, idx, F.linear(drop.apply(rows(h_t, idx), idx), a.down_proj_task_A[e]).to(acc))
+        return z_s, z_t
 
     def ffn_backward(self, a: FfnBwdArgs):
-        c = _Ffn(a)
+        with Workspace(a.x.device) as ws:
+            return self._ffn_backward(a, ws)
+
+    def _ffn_backward(self, a: FfnBwdArgs, ws: Workspace):
+        c = _Ffn(a, ws)
         x, gy, s, dt, acc, r = a.x, a.grad_y, c.s, c.dt, c.acc, c.r
         coef, a_s, a_t, z_s, z_t = a.coef, a.a_s, a.a_t, a.z_s, a.z_t
         g, u = (a.g if c.gated_mlp else None), a.u
-        need_gate = c.moe_gated and (a.needs_gate or a.needs_dx)  # the logits feed dx too
-        need_xd = a.needs_shared or any(a.trainable(e) for e, _ in c.groups)
+        sc = s * coef
+        need_gate = c.moe_gated and (a.needs_gate or a.needs_dx) and c.any_task  # the logits feed dx too
+        task_train = [e for e, _ in c.groups if a.trainable(e)]
+        need_xd = a.needs_shared or bool(task_train)
         grads: dict = {n: None for n in FFN_GRAD_INPUTS}
         for n in grads:
             t = getattr(a, n)
             if t is not None and (("_shared_" in n and a.needs_shared) or ("_task_" in n and a.needs_task)):
-                grads[n] = torch.zeros_like(t)
-        xmask = dropout_scale(x, a.dropout_p, a.seed) if a.dropout_p > 0.0 and (need_xd or a.needs_dx) else None
-        xd = _masked(x, xmask) if need_xd else None
-        dh = F.linear(gy, a.down_proj_weight.t())  # the base dgrad of the down projection: [T, d_ff]
-        q_s = F.linear(gy, a.down_proj_shared_B.t()).to(acc)  # gy B_down: [T, r]
-        q_t = torch.zeros_like(q_s)
-        for e, idx in c.groups:
-            _set_rows(q_t, idx, F.linear(_rows(gy, idx), a.down_proj_task_B[e].t()).to(acc))
-        dz_s, dz_t = s * coef[:, :1] * q_s, s * coef[:, 1:] * q_t  # dL/dz of each expert
+                grads[n] = None if "_shared_" in n else torch.zeros_like(t)
+        drop_x = Dropout(x, a.dropout_p if (need_xd or a.needs_dx) else 0.0, a.seed, ws)
+        drop_h = Dropout(u, a.dropout_p, down_seed(a.seed) if a.seed is not None else None, ws)  # [T, d_ff]
+        dh = torch.mm(gy, a.down_proj_weight, out=ws.like(u))  # the base dgrad of the down projection: [T, d_ff]
+
+        # the down projection's LoRA: q = gy B_down, dz = s c q, back = dz A_down (before the mask)
+        if c.single is not None:
+            q = (gy @ torch.cat([a.down_proj_shared_B, a.down_proj_task_B[c.single]], 1)).to(acc)
+            q_s, q_t = q[:, :r], q[:, r:]
+        else:
+            q_s, q_t = (gy @ a.down_proj_shared_B).to(acc), torch.zeros_like(z_s)
+            for e, idx in c.groups:
+                set_rows(q_t, idx, (rows(gy, idx) @ a.down_proj_task_B[e]).to(acc))
+        dz_s, dz_t = sc[:, :1] * q_s, sc[:, 1:] * q_t  # dL/dz of each expert
         if a.pool is not None and a.grad_z_pool is not None:  # the pooled outputs' gradients reach every token
             dz_s = dz_s + _unpool(a.pool, a.grad_z_pool, acc)
-        back_s = F.linear(dz_s.to(dt), a.down_proj_shared_A.t())  # dz A_down: [T, d_ff]
-        back_t = torch.zeros_like(back_s)
-        for e, idx in c.groups:
-            _set_rows(back_t, idx, F.linear(_rows(dz_t, idx).to(dt), a.down_proj_task_A[e].t()))
+        back_s, back_t = self._down_back(c, dz_s, dz_t)
 
-        pg_s, pu_s = c.shared_pre_acts(g, u, a_s)
-        t_g, t_u = c.task_terms(a_t)
-        dg = torch.zeros_like(dh) if c.gated_mlp else None
-        du = torch.zeros_like(dh)
-
-        def backprop(pg, pu, dh_e):
-            """(h, dpg, dpu) of one FFN evaluation (recomputed) from dL/dh; added into dg, du."""
-            h, act, dact = c.hidden(pg, pu, need_grad=True)
-            dpg = dh_e * pu * dact if c.gated_mlp else None
-            dpu = dh_e * act if c.gated_mlp else dh_e * dact
-            if c.gated_mlp:
-                dg.add_(dpg)
-            du.add_(dpu)
-            return h, dpg, dpu
-
+        dg = du = None
         gbeta = None
         if c.moe_gated:
-            mask = c.down_mask(dh)
-            dh_s = coef[:, :1].to(dt) * dh + _masked(back_s, mask)
+            dh_s = drop_h.apply_(back_s).addcmul_(dh, coef[:, :1].to(dt))  # c_s dh + the down LoRA's term
             if a.pool is not None and a.grad_h_pool is not None:
-                dh_s = dh_s + _unpool(a.pool, a.grad_h_pool, acc).to(dt)
-            h_s, dpg_s, dpu_s = backprop(pg_s, pu_s, dh_s)
-            h_t, dpg_t, dpu_t = backprop(_plus(g, t_g), _plus(u, t_u), coef[:, 1:].to(dt) * dh + _masked(back_t, mask))
+                dh_s.add_(_unpool(a.pool, a.grad_h_pool, acc).to(dt))
+            need_h_s = need_gate or a.needs_shared
+            h_s, dpg_s, dpu_s = c.backprop_(*c.pre_acts(g, u, a_s, a_t, ("s",)), dh_s, need_h_s)
+            h_t = dpg_t = dpu_t = None
+            if c.any_task:
+                dh_t = drop_h.apply_(back_t).addcmul_(dh, coef[:, 1:].to(dt))
+                h_t, dpg_t, dpu_t = c.backprop_(*c.pre_acts(g, u, a_s, a_t, ("t",)), dh_t, need_gate or bool(task_train))
             if need_gate:  # dL/dc_e = <gy, FFN_e(x)> (the down bias cancels in the softmax backward)
-                gbeta = torch.stack([(dh * h).sum(1).to(acc) + s * (q * z).sum(1)
-                                     for h, q, z in ((h_s, q_s, z_s), (h_t, q_t, z_t))], 1)
+                prod = ws.like(dh)  # <dh, h_e> per token through one scratch buffer
+                gbeta = torch.stack([torch.mul(dh, he, out=prod).sum(1, dtype=acc) + s * (qe * ze).sum(1)
+                                     for he, qe, ze in ((h_s, q_s, z_s), (h_t, q_t, z_t))], 1)
         else:
-            mask = c.down_mask(dh)
-            h_s, dpg_s, dpu_s = backprop(_plus(pg_s, t_g), _plus(pu_s, t_u), dh + _masked(back_s + back_t, mask))
+            back = back_s if back_t is None else back_s.add_(back_t)
+            h_s, dpg_s, dpu_s = c.backprop_(*c.pre_acts(g, u, a_s, a_t, ("s", "t")), drop_h.apply_(back).add_(dh),
+                                            a.needs_shared or bool(task_train))
             h_t, dpg_t, dpu_t = h_s, dpg_s, dpu_s
 
-        da_s, da_t = torch.zeros_like(a_s), torch.zeros_like(a_t)
-
-        def lora_grads(e, idx, dpg, dpu, h, mask_rows, dz):
-            """Through expert e's (None = shared) LoRA terms on tokens ``idx``: da, and its weight
-            gradients if it trains (frozen experts cost nothing here)."""
-            d_a = [F.linear(dpg, c.B("gate_proj", e).t())] if c.gated_mlp else []
-            d_a = s * torch.cat(d_a + [F.linear(dpu, c.B("up_proj", e).t())], 1).to(acc)
-            _set_rows(da_s if e is None else da_t, idx, d_a)
-            if not (a.needs_shared if e is None else a.trainable(e)):
-                return
-            a_rows, z_rows = _rows(a_s if e is None else a_t, idx), _rows(z_s if e is None else z_t, idx)
-            col = 0 if e is None else 1
-            c_rows = _rows(coef, idx)[:, col:col + 1]
-            dA = F.linear(d_a.to(dt).t(), _rows(xd, idx).t())  # [nproj r, d]
-            out = {}
-            for i, p in enumerate(c.pre):
-                out[f"{p}_A"] = dA[i * r:(i + 1) * r]
-                dp = dpg if p == "gate_proj" else dpu
-                out[f"{p}_B"] = F.linear(dp.t(), (s * a_rows[:, i * r:(i + 1) * r]).to(dt).t())
-            out["down_proj_A"] = F.linear(dz.to(dt).t(), _masked(h, mask_rows).t())
-            out["down_proj_B"] = F.linear(_rows(gy, idx).t(), (z_rows * (s * c_rows)).to(dt).t())
-            for key, val in out.items():
-                p, part = key.rsplit("_", 1)
-                target = grads[f"{p}_{'shared' if e is None else 'task'}_{part}"]
-                (target if e is None else target[e]).add_(val)
-
-        lora_grads(None, None, dpg_s, dpu_s, h_s, mask, dz_s)
-        for e, idx in c.groups:
-            lora_grads(e, idx, _rows(dpg_t, idx), _rows(dpu_t, idx), _rows(h_t, idx), _rows(mask, idx), _rows(dz_t, idx))
-
+        lora_in = self._lora_grads(c, grads, drop_x, drop_h, x, gy, (dpg_s, dpu_s, h_s, dz_s),
+                                   (dpg_t, dpu_t, h_t, dz_t), task_train)
+        dg, du = dpg_s, dpu_s
+        if c.moe_gated and dpu_t is not None:  # both evaluations' pre-activation gradients (after their LoRA use)
+            du = du.add_(dpu_t)
+            dg = dg.add_(dpg_t) if dg is not None else None
         dx = dmoe = None
         if a.needs_dx:
-            dx = F.linear(du, a.up_proj_weight.t())
+            dx = du @ a.up_proj_weight
             if c.gated_mlp:
                 dx.addmm_(dg, a.gate_proj_weight)
-            lora_in = F.linear(da_s.to(dt), c.A_cat(None).t())
-            for e, idx in c.groups:
-                _add_rows(lora_in, idx, F.linear(_rows(da_t, idx).to(dt), c.A_cat(e).t()))
-            dx.add_(_masked(lora_in, xmask))
+            if lora_in is not None:
+                dx.add_(drop_x.apply_(lora_in))
         if need_gate:
-            has = (a.token_task >= 0).unsqueeze(1)
-            dlog = coef * (gbeta - (coef * gbeta).sum(1, keepdim=True))
-            dlog = torch.where(has, dlog, torch.zeros_like(dlog))
+            dlog = gate_logit_grad(coef, gbeta, a.token_task, a.single_task).to(dt)
             if a.needs_gate:
-                dmoe = dlog.to(dt).t() @ x
+                dmoe = wgrad(dlog, x)
             if a.needs_dx:
-                dx.add_(F.linear(dlog.to(dt), a.moe_gate.t()))
+                dx.addmm_(dlog, a.moe_gate)
+        elif c.moe_gated and a.needs_gate:
+            dmoe = torch.zeros_like(a.moe_gate)
         grads["x"], grads["moe_gate"] = dx, dmoe
         return tuple(grads[n] for n in FFN_GRAD_INPUTS)
 
+    @staticmethod
+    def _down_back(c: _Ffn, dz_s: Tensor, dz_t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(dz_s A_down,s, dz_t A_down,t), [T, d_ff] each (the second None without a task;
+        ungated and one task: their sum in one GEMM, the second None)."""
+        a, dt = c.a, c.dt
+        A_s = a.down_proj_shared_A
 
-def _plus(t: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or term is None else t + term
+        def mm(left: Tensor, right: Tensor) -> Tensor:
+            return torch.mm(left.to(dt), right, out=c.ws.empty((left.shape[0], right.shape[1]), dt))
+
+        if not c.any_task:
+            return mm(dz_s, A_s), None
+        if c.single is not None:
+            A_t = a.down_proj_task_A[c.single]
+            if not c.moe_gated:
+                return mm(torch.cat([dz_s, dz_t], 1), torch.cat([A_s, A_t])), None
+            return mm(dz_s, A_s), mm(dz_t, A_t)
+        back_t = c.ws.empty((dz_s.shape[0], A_s.shape[1]), dt).zero_()
+        for e, idx in c.groups:
+            set_rows(back_t, idx, rows(dz_t, idx).to(dt) @ a.down_proj_task_A[e])
+        return mm(dz_s, A_s), back_t
+
+    @staticmethod
+    def _lora_grads(c: _Ffn, grads: dict, drop_x: Dropout, drop_h: Dropout, x: Tensor, gy: Tensor,
+                    shared: tuple, task: tuple, task_train: list) -> Optional[Tensor]:
+        """The LoRA weight gradients of the trained experts (into ``grads``) and, when dx is needed,
+        the LoRA path's dL/dx~ [T, d] before the mask (None when no dx)."""
+        a, s, dt, r = c.a, c.s, c.dt, c.r
+        xd = drop_x.into(x, c.ws.like(x) if drop_x.mask is not None else None) if (a.needs_shared or task_train) else None
+        lora_in = None
+        scratch: list = [c.ws.like(a.u) if drop_h.mask is not None else None]  # each full-batch masked h in turn
+
+        def expert(e: Optional[int], idx: Optional[Tensor], dpg, dpu, h, dz, trains: bool) -> None:
+            nonlocal lora_in
+            if not (a.needs_dx or trains):
+                return
+            a_rows = rows(a.a_s if e is None else a.a_t, idx)
+            d_a = ([thin(dpg, c.B("gate_proj", e).t())] if c.gated_mlp else []) + [thin(dpu, c.B("up_proj", e).t())]
+            d_a = s * torch.cat(d_a, 1).to(c.acc)  # dL/da (a = x~ A^T): [n, n_pre r]
+            if a.needs_dx:
+                da, A = d_a.to(dt), c.A_cat(e)
+                if lora_in is None and idx is None:
+                    lora_in = torch.mm(da, A, out=c.ws.like(x))
+                elif idx is None:
+                    lora_in.addmm_(da, A)
+                else:
+                    if lora_in is None:
+                        lora_in = c.ws.like(x).zero_()
+                    lora_in.index_add_(0, idx, da @ A)
+            if not trains:
+                return
+            key = "shared" if e is None else "task"
+            out = {}
+            dA = wgrad(d_a.to(dt), rows(xd, idx))  # [n_pre r, d]
+            for i, p in enumerate(c.pre):
+                out[f"{p}_A"] = dA[i * r:(i + 1) * r] if len(c.pre) == 1 else dA[i * r:(i + 1) * r].clone()
+                dp = dpg if p == "gate_proj" else dpu
+                out[f"{p}_B"] = wgrad_t(dp, (s * a_rows[:, i * r:(i + 1) * r]).to(dt))
+            if idx is None:
+                scratch[0] = hm = drop_h.into(h, scratch[0])
+            else:
+                hm = drop_h.apply(rows(h, idx), idx)
+            out["down_proj_A"] = wgrad(rows(dz, idx).to(dt), hm)
+            col = 0 if e is None else 1
+            out["down_proj_B"] = wgrad_t(rows(gy, idx), (rows(a.z_s if e is None else a.z_t, idx)
+                                                         * (s * rows(a.coef, idx)[:, col:col + 1])).to(dt))
+            for k, v in out.items():
+                p, part = k.rsplit("_", 1)
+                name = f"{p}_{key}_{part}"
+                if e is None:
+                    grads[name] = v if grads[name] is None else grads[name].add_(v)
+                else:
+                    grads[name][e].add_(v)
+
+        dpg_s, dpu_s, h_s, dz_s = shared
+        dpg_t, dpu_t, h_t, dz_t = task
+        expert(None, None, dpg_s, dpu_s, h_s, dz_s, a.needs_shared)
+        for e, idx in c.groups:  # ungated: one FFN, the routed expert's dpg/dpu are the shared expert's tensors
+            expert(e, idx, rows(dpg_t, idx), rows(dpu_t, idx), h_t, dz_t, a.trainable(e))
+        return lora_in
 
 
 def _unpool(pool: Tensor, grad: Tensor, acc: torch.dtype) -> Tensor:
     """The gradient of a pooled output [B, n] on every token: pool[b, s] * grad[b], [B * S, n]."""
     return (pool.to(acc).unsqueeze(2) * grad.to(acc).unsqueeze(1)).flatten(0, 1)
-
-
-def _masked(t: Optional[Tensor], mask: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or mask is None else t * mask

@@ -48,3 +48,55 @@ def activation_grad(kind: str, t: Tensor) -> Tensor:
     if kind == "relu":
         return (t > 0).to(t.dtype)
     raise ValueError(f"activation={kind!r} is not supported; supported: {list(ACTIVATIONS)}")
+
+
+def activation_backward(kind: str, grad: Tensor, t: Tensor) -> Tensor:
+    """``grad * act'(t)`` in one fused pass (the kernels PyTorch's own autograd runs for these
+    activations); :func:`activation_grad` is the plain formula."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(grad, t)
+    if kind == "gelu":
+        return torch.ops.aten.gelu_backward(grad, t, approximate="none")
+    if kind == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, t, approximate="tanh")
+    if kind == "relu":
+        return torch.where(t > 0, grad, 0)
+    raise ValueError(f"activation={kind!r} is not supported; supported: {list(ACTIVATIONS)}")
+
+
+def activation_(kind: str, t: Tensor) -> Tensor:
+    """act(t) in place (the same kernels as :func:`activation`, bit for bit); returns t."""
+    if kind == "silu":
+        return F.silu(t, inplace=True)
+    if kind == "gelu":
+        return torch.ops.aten.gelu_(t)
+    if kind == "gelu_tanh":
+        return torch.ops.aten.gelu_(t, approximate="tanh")
+    if kind == "relu":
+        return t.relu_()
+    raise ValueError(f"activation={kind!r} is not supported; supported: {list(ACTIVATIONS)}")
+
+
+def activation_backward_(kind: str, grad: Tensor, t: Tensor) -> Tensor:
+    """:func:`activation_backward` written into ``grad`` (which it returns)."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward.grad_input(grad, t, grad_input=grad)
+    if kind in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward.grad_input(grad, t, approximate="none" if kind == "gelu" else "tanh",
+                                                       grad_input=grad)
+    if kind == "relu":
+        return grad.masked_fill_(~(t > 0), 0)
+    raise ValueError(f"activation={kind!r} is not supported; supported: {list(ACTIVATIONS)}")
+
+
+def activation_into(kind: str, t: Tensor, out: Tensor) -> Tensor:
+    """act(t) written into ``out`` (the same kernels as :func:`activation`, bit for bit)."""
+    if kind == "silu":
+        return torch.ops.aten.silu.out(t, out=out)
+    if kind == "gelu":
+        return torch.ops.aten.gelu.out(t, out=out)
+    if kind == "gelu_tanh":
+        return torch.ops.aten.gelu.out(t, approximate="tanh", out=out)
+    if kind == "relu":
+        return torch.clamp_min(t, 0, out=out)
+    raise ValueError(f"activation={kind!r} is not supported; supported: {list(ACTIVATIONS)}")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .activations import activation as _act
 from .args import acc_dtype, coefficients
-from .dropout import apply_dropout
+from .dropout import apply_dropout_reference as apply_dropout
 from .ffn_args import (FFN_GRAD_INPUTS, FFN_POOLED, FFN_SAVED, LORA_PARTS, PROJECTIONS, FfnBwdArgs, FfnFwdArgs, down_seed,
                        ffn_grad_flag)
 from .reference import _autograd_enabled

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .args import BwdArgs, FwdArgs, acc_dtype
-from .dropout import apply_dropout
+from .dropout import apply_dropout_reference as apply_dropout
 
 
 def moe_lora_reference(

@@ -112,6 +112,10 @@ def define_fused_op(
     def setup_context(ctx, inputs, output):
         kw = dict(zip(fwd_args, inputs))
         ctx.save_for_backward(*(kw[n] for n in tensor_fields), *output[1:1 + len(saved)])
+        # the saved outputs are not differentiable, and a gradient nobody sent stays None (autograd
+        # would otherwise fill a zero tensor per saved output, [T, d_ff] ones at the FFN level)
+        ctx.mark_non_differentiable(*output[1:1 + len(saved)])
+        ctx.set_materialize_grads(False)
         ctx.scalars = {n: kw[n] for n in fwd_args if n not in tensor_fields}
         ctx.y_meta = (output[0].shape, output[0].dtype, output[0].device)
 
