@@ -71,6 +71,12 @@ def check_count(n) -> int:
     return n
 
 
+
+def plist(params: nn.ParameterList) -> list[nn.Parameter]:
+    """The parameters of a ParameterList, in order (its own iteration indexes one by one through
+    ``__getitem__``, tens of microseconds per layer call at decode)."""
+    return list(params._parameters.values())
+
 class LoRAProjection:
     """Mixin of an ``nn.Module`` holding one frozen base projection and its LoRA experts: a
     shared expert and one expert per task. Call :meth:`init_projection` from ``__init__``."""
@@ -127,7 +133,7 @@ class LoRAProjection:
         Stacked through autograd when an expert needs a gradient; otherwise cached until
         an expert changes (in-place optimizer updates bump the version counter).
         """
-        As, Bs = list(self.lora_task_A), list(self.lora_task_B)
+        As, Bs = plist(self.lora_task_A), plist(self.lora_task_B)
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in As + Bs)
         if needs_graph or torch.compiler.is_compiling():
             return torch.stack(As).to(dtype), torch.stack(Bs).to(dtype)
@@ -138,7 +144,7 @@ class LoRAProjection:
         return self._stack_cache[1], self._stack_cache[2]
 
     def task_trainable(self) -> list[bool]:
-        return [bool(a.requires_grad or b.requires_grad) for a, b in zip(self.lora_task_A, self.lora_task_B)]
+        return [bool(a.requires_grad or b.requires_grad) for a, b in zip(plist(self.lora_task_A), plist(self.lora_task_B))]
 
     @torch.no_grad()
     def merge_expert(self, k: int) -> None:

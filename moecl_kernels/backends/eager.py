@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype
 from .eager_ffn import EagerFFN
-from .eager_parts import (GATHER_ELEMENTS, Dropout, Workspace, add_rows, thin, coefficients_fast, expert_groups, gate_logit_grad,
-                          rows, wgrad, wgrad_t)
+from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, add_rows, coefficients_fast, dense_expand, dense_shrink,
+                          expert_groups, gate_logit_grad, rows, task_one_hot, thin, wgrad, wgrad_t)
 
 
 class EagerBackend(EagerFFN):
@@ -63,13 +63,10 @@ class EagerBackend(EagerFFN):
         if a.single_task == SINGLE_NONE:
             return y, h_s, h_t, coef
         E, d_in, d_out = a.task_A.shape[0], x.shape[1], y.shape[1]
-        if T * r * (d_in + d_out) <= GATHER_ELEMENTS:
-            # few tokens (decode): each token's expert by a gather, two batched GEMVs, no host work
-            has = a.token_task >= 0
-            idx = a.token_task.long().clamp(min=0)
-            ht = torch.bmm(a.task_A[idx], xd.unsqueeze(2)).squeeze(2).to(acc)
-            h_t = torch.where(has.unsqueeze(1), ht, 0)
-            y.add_(torch.bmm(a.task_B[idx], (h_t * sc[:, 1:]).to(dt).unsqueeze(2)).squeeze(2))
+        if T * E * r * (d_in + d_out) <= DENSE_ELEMENTS:  # few tokens (decode): see eager_parts
+            hot = task_one_hot(a.token_task, E, acc)
+            h_t = dense_shrink(a.task_A, xd, hot)
+            y.add_(dense_expand(a.task_B, h_t * sc[:, 1:], hot))
             return y, h_s, h_t, coef
         for e, idx in expert_groups(a, E):  # PEFT-style mixed batch: one GEMM pair per task present
             he = F.linear(xd.index_select(0, idx), a.task_A[e]).to(acc)
@@ -101,7 +98,7 @@ class EagerBackend(EagerFFN):
 
         if a.single_task >= 0:  # shared + task expert as one rank-2r LoRA
             k = a.single_task
-            g = (gy @ torch.cat([a.shared_B, a.task_B[k]], dim=1)).to(acc)  # [T, 2r]
+            g = thin(gy, torch.cat([a.shared_B, a.task_B[k]], dim=1).t()).to(acc).contiguous()  # [T, 2r]
             h = torch.cat([h_s, h_t], dim=1)
             sc2 = sc.repeat_interleave(r, dim=1)
             dh = g * sc2
@@ -119,7 +116,7 @@ class EagerBackend(EagerFFN):
             if a.needs_dx:
                 dxd = torch.mm(dh.to(dt), torch.cat([a.shared_A, a.task_A[k]]), out=ws.like(x))
         else:
-            g_s = (gy @ a.shared_B).to(acc)  # [T, r]
+            g_s = thin(gy, a.shared_B.t()).to(acc).contiguous()  # [T, r]
             dhs = g_s * sc[:, :1]
             if need_gate:
                 gbeta[:, 0] = s * (g_s * h_s).sum(1)

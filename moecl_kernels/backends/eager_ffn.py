@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import SINGLE_NONE, acc_dtype
+from ..contract import SINGLE_MIXED, SINGLE_NONE, acc_dtype
 from ..contract.activations import activation_, activation_backward_, activation_into
 from ..contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs, down_seed
-from .eager_parts import (Dropout, Workspace, coefficients_fast, expert_groups, gate_logit_grad, rows, set_rows, thin,
-                          wgrad, wgrad_t)
+from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, coefficients_fast, dense_expand, dense_shrink,
+                          expert_groups, gate_logit_grad, rows, set_rows, task_one_hot, thin, wgrad, wgrad_t)
 
 
 class _Ffn:
@@ -48,7 +48,18 @@ class _Ffn:
         self.moe_gated = a.moe_gate is not None
         self.single = a.single_task if a.single_task >= 0 else None
         self.any_task = a.single_task != SINGLE_NONE
-        self.groups = expert_groups(a, self.E)
+        self._groups: Optional[list] = None
+        T, d, d_ff = a.x.shape[0], a.x.shape[1], a.up_proj_weight.shape[0]
+        volume = T * self.E * self.r * (len(self.pre) * (d + d_ff) + d_ff + a.down_proj_weight.shape[0])
+        self.dense = a.single_task == SINGLE_MIXED and volume <= DENSE_ELEMENTS  # decode: eager_parts
+        self.hot = task_one_hot(a.token_task, self.E, self.acc) if self.dense else None
+
+    @property
+    def groups(self) -> list:
+        """(expert, token index or None) of every expert with tokens (host offsets: computed once, when needed)."""
+        if self._groups is None:
+            self._groups = expert_groups(self.a, self.E)
+        return self._groups
 
     def A_cat(self, e: Optional[int]) -> Tensor:
         """The pre-activation projections' A matrices of expert e (None = shared), stacked [n r, d]."""
@@ -68,6 +79,8 @@ class _Ffn:
             both = thin(xd, torch.cat([self.A_cat(None), self.A_cat(self.single)])).to(self.acc)
             return both[:, :n].clone(), both[:, n:].clone()  # outputs must not alias
         a_s = thin(xd, self.A_cat(None)).to(self.acc).contiguous()
+        if self.dense:
+            return a_s, dense_shrink(torch.cat([getattr(self.a, f"{p}_task_A") for p in self.pre], 1), xd, self.hot)
         a_t = xd.new_zeros((T, n), dtype=self.acc)
         for e, idx in self.groups:
             set_rows(a_t, idx, F.linear(rows(xd, idx), self.A_cat(e)).to(self.acc))
@@ -87,11 +100,20 @@ class _Ffn:
             if "t" in experts and self.single is not None:
                 left.append(a_t[:, cols]), right.append(self.B(proj, self.single))
             p = self.ws.like(base)
-            if left:
+            dense = dense_expand(getattr(self.a, f"{proj}_task_B"), s * a_t[:, cols], self.hot) \
+                if "t" in experts and self.dense else None
+            if len(left) == 1:
+                torch.addmm(base, (s * left[0]).to(dt), right[0].t(), out=p)
+            elif left:
                 torch.addmm(base, (s * torch.cat(left, 1)).to(dt), torch.cat(right, 1).t(), out=p)
+            elif dense is not None:
+                torch.add(base, dense, out=p)
+                dense = None
             else:
                 p.copy_(base)
-            if "t" in experts and self.single is None:
+            if dense is not None:
+                p.add_(dense)
+            elif "t" in experts and self.single is None and not self.dense:
                 for e, idx in self.groups:
                     p.index_add_(0, idx, F.linear((s * rows(a_t, idx)[:, cols]).to(dt), self.B(proj, e)))
             out.append(p)
@@ -155,7 +177,9 @@ class EagerFFN:
                      torch.cat([a.down_proj_shared_B, a.down_proj_task_B[c.single]], 1).t())
         else:
             y.addmm_((z_s * sc[:, :1]).to(dt), a.down_proj_shared_B.t())
-            for e, idx in c.groups:
+            if c.dense:
+                y.add_(dense_expand(a.down_proj_task_B, z_t * sc[:, 1:], c.hot))
+            for e, idx in ([] if c.dense else c.groups):
                 y.index_add_(0, idx, F.linear((rows(z_t, idx) * rows(sc, idx)[:, 1:]).to(dt), a.down_proj_task_B[e]))
         return y, (g if g is not None else x.new_empty((0,))), u, a_s, a_t, z_s, z_t, coef, h_pool, z_pool
 
@@ -172,6 +196,8 @@ class EagerFFN:
         z_s = thin(scratch, A_s).to(acc).contiguous()
         if c.single is not None:
             return z_s, thin(drop.into(h_t, scratch), a.down_proj_task_A[c.single]).to(acc).contiguous()
+        if c.dense:
+            return z_s, dense_shrink(a.down_proj_task_A, drop.into(h_t, scratch), c.hot)
         z_t = z_s.new_zeros((T, c.r))
         for e, idx in c.groups:
             set_rows(z_t, idx, F.linear(drop.apply(rows(h_t, idx), idx), a.down_proj_task_A[e]).to(acc))
@@ -201,10 +227,10 @@ class EagerFFN:
 
         # the down projection's LoRA: q = gy B_down, dz = s c q, back = dz A_down (before the mask)
         if c.single is not None:
-            q = (gy @ torch.cat([a.down_proj_shared_B, a.down_proj_task_B[c.single]], 1)).to(acc)
+            q = thin(gy, torch.cat([a.down_proj_shared_B, a.down_proj_task_B[c.single]], 1).t()).to(acc)
             q_s, q_t = q[:, :r], q[:, r:]
         else:
-            q_s, q_t = (gy @ a.down_proj_shared_B).to(acc), torch.zeros_like(z_s)
+            q_s, q_t = thin(gy, a.down_proj_shared_B.t()).to(acc), torch.zeros_like(z_s)
             for e, idx in c.groups:
                 set_rows(q_t, idx, (rows(gy, idx) @ a.down_proj_task_B[e]).to(acc))
         dz_s, dz_t = sc[:, :1] * q_s, sc[:, 1:] * q_t  # dL/dz of each expert

@@ -22,7 +22,10 @@ from torch import Tensor
 from ..contract import SINGLE_NONE, acc_dtype, host_offsets
 from ..contract.dropout import dropout_scale
 
-GATHER_ELEMENTS = 1 << 16  # T * r * (d_in + d_out) up to this: the routed expert by a per-token gather (decode)
+# few tokens of several tasks (decode): every task expert evaluated on every token and kept by a
+# one-hot of the token's task, when T * E * r * (d_in + d_out, summed over the projections) is at
+# most this: a handful of small GEMMs instead of a GEMM pair per task present (no host work per task)
+DENSE_ELEMENTS = 1 << 20
 WORKSPACE_ENV = "MOECL_CPU_WORKSPACE_MB"  # the CPU workspace's bound in MiB (0: off); default 1024
 _MIN_CACHED = 1 << 16  # bytes: smaller temporaries are plain allocations
 
@@ -146,6 +149,25 @@ class Dropout:
         return t if self.mask is None else t.mul_(self.mask)
 
 
+def task_one_hot(token_task: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
+    """[T, E] one-hot of each token's task (a zero row for a token without one)."""
+    hot = torch.nn.functional.one_hot(token_task.long().clamp(min=0), num_experts).to(dtype)
+    return hot * (token_task >= 0).unsqueeze(1).to(dtype)
+
+
+def dense_shrink(A: Tensor, v: Tensor, hot: Tensor) -> Tensor:
+    """``v[t] @ A[task(t)]^T`` [T, m] in hot's dtype for A [E, m, n], v [T, n] (0 without a task)."""
+    E, m, n = A.shape
+    every = torch.mm(v, A.reshape(E * m, n).t()).view(-1, E, m).to(hot.dtype)
+    return (every * hot.unsqueeze(2)).sum(1)
+
+
+def dense_expand(B: Tensor, c: Tensor, hot: Tensor) -> Tensor:
+    """``c[t] @ B[task(t)]^T`` [T, m] in B's dtype for B [E, m, r], c [T, r] (0 without a task)."""
+    per_expert = (hot.unsqueeze(2) * c.to(hot.dtype).unsqueeze(1)).to(B.dtype).transpose(0, 1)  # [E, T, r]
+    return torch.bmm(per_expert, B.transpose(1, 2)).sum(0)
+
+
 def thin(big: Tensor, w: Tensor) -> Tensor:
     """``big @ w^T`` [T, r] for big [T, n] and w [r, n] with r small, computed as ``(w big^T)^T``: a
     thin output is the orientation CPU BLAS is slowest at (~1.5x); the result is a transposed
@@ -176,8 +198,8 @@ def coefficients_fast(x: Tensor, gate: Optional[Tensor], token_task: Tensor, sin
     beta = torch.softmax((x @ gate.t()).to(acc), dim=-1) if gate is not None else x.new_ones((T, 2), dtype=acc)
     if single_task >= 0:
         return beta
-    no_task = torch.tensor([1.0, 0.0], dtype=acc, device=x.device)
-    return torch.where((token_task >= 0).unsqueeze(1), beta, no_task)
+    has = (token_task >= 0).unsqueeze(1)
+    return torch.cat([torch.where(has, beta[:, :1], 1.0), torch.where(has, beta[:, 1:], 0.0)], 1)
 
 
 def gate_logit_grad(coef: Tensor, gbeta: Tensor, token_task: Tensor, single_task: int) -> Tensor:
