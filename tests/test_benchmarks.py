@@ -264,3 +264,19 @@ def test_ffn_harness_on_a_gpu():
     for mode in cases.MODES:
         recs = bench_ffn.run_case(FfnCase(mode, 256, 704, 8, 4, 200, "ragged"), ffn_providers(), dev, timer)
         assert not [r for r in recs if r["status"] != "ok"], recs
+
+
+def test_cpu_bench_quick_writes_every_candidate_with_ratios(tmp_path):
+    """benchmarks/bench_cpu.py --quick (tiny Llama): training steps of base, PEFT and both MoE-CL
+    levels with dropout on and off, and generate(); JSON and markdown written, ratios to base."""
+    out = tmp_path / "cpu"
+    r = _module("benchmarks.bench_cpu", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "cpu.json").read_text())
+    train = next(v for k, v in res["tables"].items() if "train" in k)
+    assert set(train) == {"base", "peft d=0.05", "linear d=0.05", "ffn d=0.05", "peft d=0", "linear d=0", "ffn d=0"}
+    assert train["base"]["ratio"] == 1.0 and train["base"]["cpu_ratio"] == 1.0
+    assert all(v["ms"] > 0 and v["cpu_ms"] > 0 for v in train.values())
+    gen = next(v for k, v in res["tables"].items() if "generate" in k)
+    assert set(gen) == {"base", "peft d=0", "linear d=0", "ffn d=0"}
+    assert "x base (CPU)" in (out / "cpu.md").read_text()
