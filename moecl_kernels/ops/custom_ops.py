@@ -31,10 +31,13 @@ from ..contract.ffn_args import (FFN_GRAD_INPUTS, FFN_GRADS, FFN_NEEDS, FFN_POOL
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Optional[Tensor]": "Tensor?", "int": "int", "float": "float", "bool": "bool",
                  "list[bool]": "bool[]", "str": "str"}
 OPT_FIELDS = tuple(f.name for f in fields(OpOptions))
+_OPTIONAL = {f.name for dc in (FwdArgs, FfnFwdArgs) for f in fields(dc) if f.default is None}
 
 
 def call_args(names: tuple, **kw) -> tuple:
-    """The positional arguments of an op, by name (``FWD_SCHEMA_ARGS`` / ``BWD_SCHEMA_ARGS``)."""
+    """The positional arguments of an op, by name (``FWD_SCHEMA_ARGS`` / ``BWD_SCHEMA_ARGS``); the
+    snapshot fields (frozen tasks) default to None."""
+    kw = dict({n: None for n in names if n in _OPTIONAL}, **kw)
     missing = [n for n in names if n not in kw]
     extra = sorted(set(kw) - set(names))
     if missing or extra:
