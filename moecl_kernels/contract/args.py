@@ -110,7 +110,7 @@ class OpOptions:
     backend: str                   # the resolved backend name
 
 
-SNAPSHOT_ROUTING = ("task_slot", "task_slot_cpu")  # the snapshot fields that are not weights (both levels)
+SNAPSHOT_FIELDS = ("snap_shared_A", "snap_shared_B", "snap_gate", "task_slot", "task_slot_cpu")  # frozen tasks
 SAVED = ("h_s", "h_t", "coef")  # forward outputs besides y that the backward consumes
 NEEDS = ("needs_dx", "needs_shared", "needs_task", "needs_gate")  # which gradients the backward computes
 GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")  # what a backend's backward returns, in order
