@@ -308,3 +308,31 @@ def test_add_tasks_set_trainable_unfreeze(level):
     mk.unfreeze_task(net, 1)
     assert mk.frozen_tasks(net) == [] and not any("moe_snap" in n for n, _ in net.named_buffers())
     assert (net(x, task_ids=1) - y1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_backend_runs_frozen_tokens_on_eager_and_other_calls_on_its_kernels(dtype):
+    """Triton (the interpreter on a CPU): a call with frozen tasks' tokens falls back to eager, said
+    once, and equals eager exactly; a call whose tokens are all live runs Triton's own kernels
+    (no warning) and matches the call without snapshots."""
+    try:
+        bk.resolve_backend("triton", torch.empty(1, dtype=dtype))
+    except (bk.BackendUnavailableError, ValueError) as e:
+        pytest.skip(str(e))
+    from moecl_kernels.ops import snapshots as ops_snap
+
+    inp, g = op_inputs(12, 16, 8, 4, 3, dtype=dtype)
+    snaps = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
+             for k, v in snapshot_inputs(4, 16, 8, 3, True, g).items()}  # tasks 2 and 0 frozen
+    kw = dict(scale=1.5, dropout_p=0.1, seed=torch.tensor(9))
+    mixed = build_routing(torch.tensor([0, 1, 2] * 4), 3, 12)
+    bk._warned.discard("snap-triton")
+    with pytest.warns(RuntimeWarning, match="frozen-task .* run on 'eager'"):
+        y = moe_lora_linear(**inp, routing=mixed, backend="triton", **kw, **snaps)
+    torch.testing.assert_close(y, moe_lora_linear(**inp, routing=mixed, backend="eager", **kw, **snaps), rtol=0, atol=0)
+    live = build_routing(torch.tensor([1] * 12), 3, 12)
+    assert not ops_snap.frozen_tokens(snaps["task_slot"], live)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        y_live = moe_lora_linear(**inp, routing=live, backend="triton", **kw, **snaps)
+    torch.testing.assert_close(y_live, moe_lora_linear(**inp, routing=live, backend="triton", **kw), rtol=0, atol=0)
