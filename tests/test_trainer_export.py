@@ -19,6 +19,7 @@ from moecl_kernels.trainer.batching import collate
 from moecl_kernels.trainer.config import load_config
 from moecl_kernels.trainer.engine import prepare, run
 from moecl_kernels.trainer.export import ExportError, evaluate_export, load_export, predict
+from moecl_kernels.trainer.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic.num_tasks=3", "data.synthetic.train_size=32", "data.synthetic.dev_size=8",
@@ -57,7 +58,7 @@ def test_evaluate_swapped_snapshots_method_in_process(trained):
     assert evaluate_export(cfg.run_dir / "moecl_taskgate") == dict(zip(r["tasks"], r["R"][-1]))
 
 
-def test_predict_writes_labels(trained, tmp_path):
+def test_predict_writes_labels(trained, tmp_path, capsys):
     cfg, res = trained
     prep = prepare(cfg)
     task = prep.tasks[1]
@@ -70,8 +71,8 @@ def test_predict_writes_labels(trained, tmp_path):
     assert len(labels) == len(task.test) and set(labels) <= set(task.label_names)
     acc = sum(task.label_names[e.label] == lab for e, lab in zip(task.test, labels)) / len(labels)
     assert acc == pytest.approx(res["moecl_snap_nogan"]["R"][-1][1])
-    bad = _cli("predict", cfg.run_dir / "moecl_snap_nogan", "--task", "nope", "--input", src)
-    assert bad.returncode == 2 and "not in this export" in bad.stderr
+    assert export_main(["predict", str(cfg.run_dir / "moecl_snap_nogan"), "--task", "nope", "--input", str(src)]) == 2
+    assert "not in this export" in capsys.readouterr().err
     with pytest.raises(ExportError, match="holds no export.json"):
         predict(tmp_path, task.name, ["x"])
 
