@@ -92,8 +92,8 @@ def test_ffn_op_with_frozen_tasks(backend, routing, gated_mlp, moe_gate, pool, p
         assert rel_err(a, b) <= tol * 10, f"d{n}: {rel_err(a, b):.3g}"
 
 
-def test_gradcheck_and_opcheck_with_frozen_tasks():
-    """fp64 gradcheck of both ops through eager with frozen tasks' tokens; opcheck of the linear op."""
+def test_gradcheck_with_frozen_tasks():
+    """fp64 gradcheck of both ops through eager with frozen tasks' tokens."""
     T, d_in, d_out, r, E = 8, 5, 4, 2, 3
     inp, g = op_inputs(T, d_in, d_out, r, E)
     snaps = snapshot_inputs(r, d_in, d_out, E, True, g)
@@ -106,10 +106,10 @@ def test_gradcheck_and_opcheck_with_frozen_tasks():
                                seed=torch.tensor(3), backend="eager", **snaps)
 
     assert torch.autograd.gradcheck(f, [inp[n] for n in names])
-    fi, g = ffn_inputs(6, 4, 5, 2, E)
-    fs, slots = ffn_snapshots(4, 5, 2, E, g)
+    fi, g = ffn_inputs(6, 3, 4, 1, E)
+    fs, slots = ffn_snapshots(3, 4, 1, E, g)
     tt = torch.tensor([0, 1, 2, -1, 2, 0])
-    fnames = [n for n, v in fi.items() if v is not None and v.requires_grad]
+    fnames = ["x", "gate_proj_shared_A", "up_proj_shared_B", "down_proj_shared_A", "down_proj_task_B", "moe_gate"]
 
     def ffn(*ts):
         t = dict(fi, **dict(zip(fnames, ts)))
@@ -117,7 +117,16 @@ def test_gradcheck_and_opcheck_with_frozen_tasks():
                             seed=torch.tensor(4), backend="eager", task_slot=slots, **t, **fs)[0]
 
     assert torch.autograd.gradcheck(ffn, [fi[n] for n in fnames])
+
+
+def test_opcheck_with_frozen_tasks():
+    """The linear op's schema, fake and autograd registration with the snapshot fields set."""
     from moecl_kernels.ops.custom_ops import FWD_SCHEMA_ARGS, call_args
+
+    T, d_in, d_out, r, E = 8, 5, 4, 2, 3
+    inp, g = op_inputs(T, d_in, d_out, r, E)
+    snaps = snapshot_inputs(r, d_in, d_out, E, True, g)
+    R = build_routing(torch.tensor([0, 1, 2, -1, 2, 0, 1, 2]), E, T)
 
     args = call_args(FWD_SCHEMA_ARGS, **{k: v.detach() if v is not None else None for k, v in inp.items()},
                      token_task=R.token_task, sorted_idx=R.sorted_idx, expert_offsets=R.expert_offsets,
@@ -336,3 +345,25 @@ def test_kernel_backend_runs_frozen_tokens_on_eager_and_other_calls_on_its_kerne
         warnings.simplefilter("error", RuntimeWarning)
         y_live = moe_lora_linear(**inp, routing=live, backend="triton", **kw, **snaps)
     torch.testing.assert_close(y_live, moe_lora_linear(**inp, routing=live, backend="triton", **kw), rtol=0, atol=0)
+
+
+def test_custom_op_refuses_frozen_tasks_on_a_backend_without_them(monkeypatch):
+    """Called directly (not through moe_lora_linear), the custom op refuses snapshot inputs for a
+    backend that would ignore them."""
+    from moecl_kernels.ops.custom_ops import FWD_SCHEMA_ARGS, call_args
+
+    class Plain:  # a registered backend's shape, without serves_snapshots
+        name = "plain-test"
+
+    inp, g = op_inputs(6, 5, 4, 2, 3)
+    snaps = snapshot_inputs(2, 5, 4, 3, True, g)
+    R = build_routing(torch.tensor([0, 1, 2, 0, 1, 2]), 3, 6)
+    args = call_args(FWD_SCHEMA_ARGS, **{k: v.detach() if v is not None else None for k, v in inp.items()},
+                     token_task=R.token_task, sorted_idx=R.sorted_idx, expert_offsets=R.expert_offsets,
+                     offsets_cpu=R.offsets_cpu, single_task=R.single_task, scale=1.0, dropout_p=0.0, seed=None,
+                     expert_trainable=[], deterministic=False, backend="cuda",
+                     **dict(snaps, task_slot=snaps["task_slot"].int(), task_slot_cpu=snaps["task_slot"]))
+    real = bk.backend
+    monkeypatch.setattr(bk, "backend", lambda name: Plain() if name == "cuda" else real(name))
+    with pytest.raises(ValueError, match="cannot serve frozen tasks"):
+        torch.ops.moecl.moe_lora_fwd(*args)
