@@ -20,6 +20,7 @@ from .integration import (
     set_trainable,
     use_tasks,
 )
+from .freeze import freeze_task, frozen_tasks, unfreeze_task
 from .io import load, save
 from .layer import FusedMoELoRALinear
 from .mlp import FusedMoELoRAMLP
@@ -36,6 +37,9 @@ __all__ = [
     "set_trainable",
     "set_backend",
     "add_tasks",
+    "freeze_task",
+    "unfreeze_task",
+    "frozen_tasks",
     "moe_layers",
     "collect_pooled",
     "pooled_outputs",

@@ -7,6 +7,9 @@
          print a table (backend, max error, time)
   info   version, backends and why any is unavailable
   train  the reference trainer (``moecl-train``), arguments passed through
+  evaluate <run>/<method>    a trained method's test accuracy per task, from its export alone
+                             (JSON {task: accuracy} on the last line)
+  predict <run>/<method> --task NAME --input file.jsonl [--output out.jsonl]   predicted labels
 """
 
 from __future__ import annotations
@@ -123,6 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         rest = argv[1:]
         return int(train_main(rest if argv[:1] == ["train"] else ["demo", *rest]) or 0)
+    if argv[0] in ("evaluate", "predict"):  # a trained run's export (trainer/export.py)
+        from moecl_kernels.trainer.export import main as export_main
+
+        return export_main(argv)
     p = argparse.ArgumentParser(prog="python -m moecl_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
@@ -133,6 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("info", help="version and backend availability")
     sub.add_parser("demo", help="the main job: the trainer's offline synthetic benchmark (default)")
     sub.add_parser("train", help="the reference trainer; see `python -m moecl_kernels train --help`")
+    sub.add_parser("evaluate", help="a trained method's test accuracy per task, from its export (JSON)")
+    sub.add_parser("predict", help="label a JSONL file with a trained method's export")
     args = p.parse_args(argv)
     if args.cmd == "info":
         _info()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import snapshots
 from .routing import RoutedModule
 
 ADAPTER_PREFIXES = ("lora_", "moe_gate")  # the parameter names of the experts and the gate
@@ -223,6 +224,10 @@ class MoEModule(RoutedModule):
         """(name, parameter) of the shared expert, the task experts and the gate (not the frozen
         base). Names are relative to this module; ``io`` names them by the model's own names."""
         return ((n, p) for n, p in self.named_parameters() if any(c.startswith(ADAPTER_PREFIXES) for c in n.split(".")))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        snapshots.prepare_load(self, state_dict, prefix)  # frozen tasks' buffers take the saved slot count
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def merge_task(self, k: int) -> None:
         """Add task expert ``k``'s LoRA into the base weight of every projection (for an ungated

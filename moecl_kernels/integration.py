@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch.nn as nn
 from torch import Tensor
 
+from . import snapshots
 from .backends import get_backend
 from .experts import MoEModule, check_args
 from .layer import FusedMoELoRALinear
@@ -315,6 +316,7 @@ def set_trainable(
         p.requires_grad_(False)
     for layer in layers.values():
         layer.set_trainable(tasks, shared=shared, gate=gate)
+    snapshots.warn_frozen(layers.values(), tasks)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import io_snapshots
 from ._version import __version__
 from .integration import CONFIG_ATTR, LEVELS, find_mlp_targets, find_targets, inject, is_injected, moe_layers
 from .integration import config as _config
@@ -29,9 +30,9 @@ from .mlp import FusedMoELoRAMLP
 WEIGHTS_NAME = "moecl_adapter.safetensors"
 CONFIG_NAME = "moecl_config.json"
 HF_CONFIG_NAME = "config.json"  # a save_pretrained() folder of an injected model (its "moecl" entry)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frozen tasks' snapshots (io_snapshots); 1 (none) still loads
 _INJECT_KEYS = ("target_modules", "num_tasks", "r", "alpha", "dropout", "gate", "rslora")
-_ADAPTER_KEY = re.compile(r"\.(lora_shared_[AB]|lora_task_[AB]\.\d+|moe_gate)$")  # a parameter name of an adapter
+_ADAPTER_KEY = re.compile(r"\.(lora_shared_[AB]|lora_task_[AB]\.\d+|moe_gate|moe_snap_(tasks|gate|A|B))$")  # a parameter name of an adapter
 _MODULE_CLASS = {"linear": FusedMoELoRALinear, "ffn": FusedMoELoRAMLP}
 
 
@@ -69,7 +70,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     cfg = _config(model)
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in _adapter_tensors(model).items()}
+    tensors = {k: v.detach().contiguous().cpu().clone()
+               for k, v in {**_adapter_tensors(model), **io_snapshots.collect(model)}.items()}
     meta = dict(cfg, format_version=FORMAT_VERSION, moecl_kernels_version=__version__,
                 modules=sorted(moe_layers(model)),
                 shapes={k: list(v.shape) for k, v in tensors.items()})
@@ -108,7 +110,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             if not p.is_file():
                 raise LoadError(f"path {str(path)!r} has no {p.name}")
         cfg = _read_json(path / CONFIG_NAME)
-        if cfg.get("format_version") != FORMAT_VERSION:
+        if cfg.get("format_version") not in (1, FORMAT_VERSION):
             raise LoadError(f"{path / CONFIG_NAME}: unsupported format_version {cfg.get('format_version')!r}")
         tensors = _read_safetensors([path / WEIGHTS_NAME])
     else:  # model.save_pretrained(path) of an injected model: config.json has a "moecl" entry
@@ -178,6 +180,8 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
         expected = {}
         for name in modules:
             expected.update(_MODULE_CLASS[level].expected_adapters(model, name, r, E, gate))
+    tensors, snaps = io_snapshots.split(tensors)
+    frozen = io_snapshots.check(snaps, expected, modules, E, LoadError)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -198,6 +202,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
     with torch.no_grad():
         for k, p in targets.items():
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
+    io_snapshots.apply(model, snaps, frozen)
     for layer in moe_layers(model).values():
         layer.invalidate_cache()
     return model

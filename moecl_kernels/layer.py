@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import snapshots
 from .experts import LoRAProjection, MoEModule, check_args
 from .ops.linear import moe_lora_linear
 from .ops.pooling import pooled_shared_path
@@ -103,7 +104,7 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
             x2, weight, bias,
             self.lora_shared_A.to(dt), self.lora_shared_B.to(dt), A, B, gate, R,
             scale=self.scaling, dropout_p=p, seed=seed, expert_trainable=self.expert_trainable(),
-            deterministic=self.deterministic, backend=self.backend,
+            deterministic=self.deterministic, backend=self.backend, **snapshots.linear_args(self, dt),
         )
         if ctx is not None:
             keep_alive(y, [ctx])  # a checkpointed recomputation in backward finds this call's routing

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .contract.activations import activation as _activation
 from .contract.ffn_args import ACTIVATIONS
+from . import snapshots
 from .experts import LoRAProjection, MoEModule, check_args
 from .ops.ffn import moe_lora_mlp
 from .routing import Routing, RoutingError, TaskIds, keep_alive, structure_changed
@@ -242,6 +243,7 @@ class FusedMoELoRAMLP(MoEModule):
             tensors[f"{pre}_shared_A"], tensors[f"{pre}_shared_B"] = proj.lora_shared_A.to(dt), proj.lora_shared_B.to(dt)
             tensors[f"{pre}_task_A"], tensors[f"{pre}_task_B"] = proj.stacked_experts(dt)
         tensors["moe_gate"] = self.moe_gate.to(dt) if self.moe_gate is not None else None
+        tensors.update(snapshots.ffn_args(self, dt))  # frozen tasks (mk.freeze_task)
         p = self.dropout_p if self.training else 0.0
         # drawn on x's device: a captured CUDA graph replays a fresh seed
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if p > 0.0 else None

@@ -234,3 +234,99 @@ def test_every_registered_backend_is_in_the_suite():
     missing = [n for n in bk.registered_backends() if n not in covered and n != "auto"]
     assert not missing, f"registered backends without conformance rows: {missing}"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen tasks (mk.freeze_task): per-task snapshots of the shared expert and gate, every backend
+
+def snapshot_inputs(r, d_in, d_out, E, gate, g, dtype=torch.float64, device="cpu", num_slots=2):
+    """Snapshot stacks for ``num_slots`` slots and a task -> slot map freezing tasks 0 and 2 (when present)."""
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    slots = [-1] * E
+    for f, k in enumerate(k for k in (2, 0) if k < E):
+        slots[k] = f
+    return dict(snap_shared_A=rnd(num_slots, r, d_in, scale=d_in**-0.5), snap_shared_B=rnd(num_slots, d_out, r, scale=r**-0.5),
+                snap_gate=rnd(num_slots, 2, d_in, scale=d_in**-0.5) if gate else None,
+                task_slot=torch.tensor(slots, device=device))
+
+
+FROZEN_CASES = [((37, 29, 23), 5, 4, "partial", True, 0.1), ((37, 29, 23), 5, 4, "mixed", False, 0.0),
+                ((5, 7, 3), 1, 1, "single", True, 0.1), ((64, 48, 33), 8, 3, "skewed", True, 0.0),
+                ((20, 9, 11), 3, 3, "none", True, 0.1)]
+
+
+def frozen_op_run(backend: str, case, dtype, device: str, seed: int, grouped: bool = False):
+    """As :func:`op_run` with frozen tasks; ``grouped``: a routing without host offsets."""
+    (T, d_in, d_out), r, E, routing, gate, p = case
+    inp, g = op_inputs(T, d_in, d_out, r, E, dtype=dtype, gate=gate, seed=seed, device=device)
+    snaps = snapshot_inputs(r, d_in, d_out, E, gate, g, dtype, device)
+    tt = token_tasks(routing, T, E, g)
+    R = build_routing(tt, E, T, device=device)
+    if grouped:
+        R.offsets_cpu = None
+        R.single_task = -2 if R.single_task >= 0 else R.single_task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a kernel backend saying it runs frozen tasks on eager
+        y = moe_lora_linear(**inp, routing=R, scale=1.7, dropout_p=p, seed=torch.tensor(99 + seed, device=device),
+                            backend=backend, **snaps)
+    leaf = {k: (v.detach().cpu().double().requires_grad_(v.requires_grad) if v is not None else None)
+            for k, v in inp.items()}
+    s64 = {k: (v.cpu().double() if k != "task_slot" else v.cpu()) if v is not None else None for k, v in snaps.items()}
+    y_ref = moe_lora_reference(**leaf, token_task=tt, scale=1.7, dropout_p=p, seed=99 + seed, **s64)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    names = [n for n in OP_GRADS if inp[n] is not None]
+    got = torch.autograd.grad(y, [inp[n] for n in names], gy.to(device, dtype))
+    want = torch.autograd.grad(y_ref, [leaf[n] for n in names], gy)
+    return {"y": y, **dict(zip(names, got))}, {"y": y_ref.detach(), **dict(zip(names, want))}
+
+
+def _frozen_runs():
+    for name, dtypes in OP_BACKENDS.items():
+        for case, dtype, grouped in itertools.product(FROZEN_CASES, dtypes, (False, True)):
+            if dtype != dtypes[0] and grouped:
+                continue
+            yield pytest.param(name, case, dtype, grouped, id=f"{name}-{case[3]}-E{case[2]}-gate{case[4]}-p{case[5]}-"
+                               f"{str(dtype)[6:]}{'-grouped' if grouped else ''}")
+
+
+@pytest.mark.parametrize("backend,case,dtype,grouped", list(_frozen_runs()))
+def test_op_conforms_with_frozen_tasks(backend, case, dtype, grouped):
+    """A mixed batch with frozen tasks' tokens, in one call: y and every live gradient against the
+    float64 reference (kernel backends without snapshot kernels run it on eager, said once)."""
+    device = DEVICE if backend in ("triton", "cuda") else "cpu"
+    try:
+        bk.resolve_backend(backend, torch.empty(1, device=device, dtype=dtype))
+    except (bk.BackendUnavailableError, ValueError) as e:
+        pytest.skip(str(e))
+    seed = hash((case, str(dtype))) % 10_000
+    got, want = frozen_op_run(backend, case, dtype, device, seed, grouped)
+    eager = frozen_op_run("eager", case, dtype, device, seed, grouped)[0] if dtype in (torch.float16, torch.bfloat16) \
+        else None
+    check(got, eager, want, dtype, what=f"{backend} {case} frozen: ")
+
+
+def test_reference_frozen_tokens_match_the_snapshot_as_live():
+    """The reference's semantics, against an independent oracle: a frozen task's tokens get exactly
+    what the plain formula gives with that task's snapshot in place of the live shared expert and gate;
+    every other token gets the live one."""
+    (T, d_in, d_out), r, E = (37, 29, 23), 5, 4
+    inp, g = op_inputs(T, d_in, d_out, r, E)
+    snaps = snapshot_inputs(r, d_in, d_out, E, True, g)
+    tt = token_tasks("partial", T, E, g)
+    kw = dict(token_task=tt, scale=1.7, dropout_p=0.1, seed=7)
+    y = moe_lora_reference(**inp, **kw, **snaps)
+    y_live = moe_lora_reference(**inp, **kw)
+    slots = snaps["task_slot"].tolist()
+    for k in range(E):
+        m = tt == k
+        if slots[k] < 0:
+            torch.testing.assert_close(y[m], y_live[m], rtol=1e-12, atol=1e-12)
+            continue
+        f = slots[k]
+        y_k = moe_lora_reference(**dict(inp, shared_A=snaps["snap_shared_A"][f], shared_B=snaps["snap_shared_B"][f],
+                                        gate_weight=snaps["snap_gate"][f]), **kw)
+        torch.testing.assert_close(y[m], y_k[m], rtol=1e-12, atol=1e-12)
+        assert (y[m] - y_live[m]).abs().max() > 1e-3  # the snapshot matters
+    torch.testing.assert_close(y[tt < 0], y_live[tt < 0], rtol=1e-12, atol=1e-12)

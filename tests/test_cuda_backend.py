@@ -31,6 +31,7 @@ import moecl_kernels
 from moecl_kernels import backends
 from moecl_kernels.backends import cuda as cuda_mod
 from moecl_kernels.contract import SINGLE_MIXED
+from moecl_kernels.contract.args import SNAPSHOT_FIELDS
 from moecl_kernels.contract import reference as reference_module
 from moecl_kernels.contract import apply_dropout
 from moecl_kernels.ops.custom_ops import BWD_SCHEMA_ARGS, call_args, moe_lora_bwd, moe_lora_fwd
@@ -527,7 +528,8 @@ def test_backward_accepts_eager_forward_outputs():
     params = [t[k] for k in ("x", "weight", "bias", "shared_A", "shared_B", "task_A", "task_B", "gate_weight")]
     grads = {}
     for fwd_backend in ("eager", "cuda"):
-        _, h_s, h_t, coef = moe_lora_fwd(*params, *routing_args, SCALE, p, seed, [], False, fwd_backend)
+        _, h_s, h_t, coef = moe_lora_fwd(*params, *routing_args, SCALE, p, seed, *[None] * len(SNAPSHOT_FIELDS), [],
+                                         False, fwd_backend)
         grads[fwd_backend] = moe_lora_bwd(*call_args(
             BWD_SCHEMA_ARGS, grad_y=gy.to(DEVICE, torch.float32), **t, token_task=rt.token_task,
             sorted_idx=rt.sorted_idx, expert_offsets=rt.expert_offsets, offsets_cpu=rt.offsets_cpu,

@@ -156,9 +156,12 @@ def test_gradcheck_fp64():
 
 
 def _fwd_args(inp, R, p, backend="eager", trainable=(True, True, True)):
-    return (inp["x"], inp["weight"], inp["bias"], inp["shared_A"], inp["shared_B"], inp["task_A"], inp["task_B"],
-            inp["gate_weight"], R.token_task, R.sorted_idx, R.expert_offsets, R.offsets_cpu, R.single_task,
-            1.3, p, torch.tensor(5), list(trainable), False, backend)
+    from moecl_kernels.ops.custom_ops import FWD_SCHEMA_ARGS, call_args
+
+    return call_args(FWD_SCHEMA_ARGS, **inp, token_task=R.token_task, sorted_idx=R.sorted_idx,
+                     expert_offsets=R.expert_offsets, offsets_cpu=R.offsets_cpu, single_task=R.single_task, scale=1.3,
+                     dropout_p=p, seed=torch.tensor(5), expert_trainable=list(trainable), deterministic=False,
+                     backend=backend)  # the frozen-task fields default to None
 
 
 @pytest.mark.parametrize("gate", [True, False])

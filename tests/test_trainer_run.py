@@ -53,7 +53,7 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method", ["moecl", "olora"])
+@pytest.mark.parametrize("method", ["moecl", "olora", "moecl_snap_nogan"])  # snap: frozen tasks come back
 def test_killed_run_resumes_to_the_same_report(tmp_path, monkeypatch, method):
     over = [*SMALL, f"methods=[{method}]", "train.checkpoint_every=4", "model.dropout=0.05"]
     full = run(_cfg(tmp_path, *over, name="full"))[method]

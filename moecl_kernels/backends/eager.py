@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype
+from . import eager_snapshots
 from .eager_ffn import EagerFFN
 from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, add_rows, coefficients_fast, dense_expand, dense_shrink,
                           expert_groups, gate_logit_grad, rows, task_one_hot, thin, wgrad, wgrad_t)
@@ -33,11 +34,14 @@ from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, add_rows, coeffici
 class EagerBackend(EagerFFN):
     name = "eager"
     priority = 0
+    serves_snapshots = True  # takes frozen tasks' snapshots (contract.args); others fall back to eager
 
     def unavailable_reason(self, x: Tensor) -> Optional[str]:
         return None
 
     def forward(self, a: FwdArgs):
+        if a.task_slot is not None:  # frozen tasks' tokens in this call (backends/eager_snapshots.py)
+            return eager_snapshots.linear_forward(a)
         with Workspace(a.x.device) as ws:
             return self._forward(a, ws)
 
@@ -75,6 +79,8 @@ class EagerBackend(EagerFFN):
         return y, h_s, h_t, coef
 
     def backward(self, a: BwdArgs):
+        if a.task_slot is not None:
+            return eager_snapshots.linear_backward(a)
         with Workspace(a.x.device) as ws:
             return self._backward(a, ws)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..contract import SINGLE_MIXED, SINGLE_NONE, acc_dtype
 from ..contract.activations import activation_, activation_backward_, activation_into
+from . import eager_snapshots
 from ..contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs, down_seed
 from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, coefficients_fast, dense_expand, dense_shrink,
                           expert_groups, gate_logit_grad, rows, set_rows, task_one_hot, thin, wgrad, wgrad_t)
@@ -143,6 +144,8 @@ class EagerFFN:
     """``ffn_forward`` / ``ffn_backward`` of the eager backend (mixed into ``EagerBackend``)."""
 
     def ffn_forward(self, a: FfnFwdArgs):
+        if a.task_slot is not None:  # frozen tasks' tokens in this call (backends/eager_snapshots.py)
+            return eager_snapshots.ffn_forward(a)
         with Workspace(a.x.device) as ws:
             return self._ffn_forward(a, ws)
 
@@ -204,6 +207,8 @@ class EagerFFN:
         return z_s, z_t
 
     def ffn_backward(self, a: FfnBwdArgs):
+        if a.task_slot is not None:
+            return eager_snapshots.ffn_backward(a)
         with Workspace(a.x.device) as ws:
             return self._ffn_backward(a, ws)
 

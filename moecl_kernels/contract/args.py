@@ -30,6 +30,16 @@ Routing tensors (built once per model forward by ``moecl_kernels.routing``):
   single_task     int            >= 0: every token has this task; -1: no token has a task;
                                  -2: mixed or unknown (read the offsets)
 
+Frozen tasks (``mk.freeze_task``; docs/spec.md §1.4), all None when no task is frozen:
+  snap_shared_A   [F, r, d_in]    the shared expert of snapshot slot f (frozen with its task)
+  snap_shared_B   [F, d_out, r]
+  snap_gate       [F, 2, d_in]    the gate of slot f (None without a gate)
+  task_slot       int32 [E]       slot of each task, -1 = live (x's device)
+  task_slot_cpu   int64 [E]       the same on the host (no device sync to read it)
+A token of task t with ``task_slot[t] = f >= 0`` uses ``snap_gate[f]`` and ``snap_shared_A/B[f]``
+in place of ``gate_weight`` and ``shared_A/B`` (h_s and coef are then of the snapshot); every
+other token uses the live ones. Snapshots get no gradient.
+
 Backward returns ``(dx, dA_s, dB_s, dA, dB, dgate)``; each may be None when not
 needed (``needs_*`` flags). ``dA``/``dB`` are stacked [E, r, d_in]/[E, d_out, r] with
 zeros for experts that are not trainable (``expert_trainable[e] is False``), whose
@@ -67,6 +77,11 @@ class FwdArgs:
     scale: float
     dropout_p: float
     seed: Optional[Tensor]       # 0-dim int64 on x's device (None: no dropout); kernels read it on the device
+    snap_shared_A: Optional[Tensor] = None   # [F, r, d_in]   (frozen tasks: see the module docstring)
+    snap_shared_B: Optional[Tensor] = None   # [F, d_out, r]
+    snap_gate: Optional[Tensor] = None       # [F, 2, d_in]
+    task_slot: Optional[Tensor] = None       # int32 [E], -1 = live
+    task_slot_cpu: Optional[Tensor] = None   # int64 [E] on the host
 
 
 @dataclass
@@ -95,6 +110,7 @@ class OpOptions:
     backend: str                   # the resolved backend name
 
 
+SNAPSHOT_FIELDS = ("snap_shared_A", "snap_shared_B", "snap_gate", "task_slot", "task_slot_cpu")  # frozen tasks
 SAVED = ("h_s", "h_t", "coef")  # forward outputs besides y that the backward consumes
 NEEDS = ("needs_dx", "needs_shared", "needs_task", "needs_gate")  # which gradients the backward computes
 GRADS = ("dx", "dA_s", "dB_s", "dA", "dB", "dgate")  # what a backend's backward returns, in order
@@ -119,11 +135,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def coefficients(x: Tensor, gate_weight: Optional[Tensor], token_task: Tensor) -> Tensor:
     """coef [T, 2] in ``acc_dtype(x.dtype)`` (see the module docstring): softmax(x W_g^T) or
-    [1, 1] for tokens with a task, [1, 0] for tokens without one."""
+    [1, 1] for tokens with a task, [1, 0] for tokens without one. ``gate_weight``: [2, d_in], or
+    [T, 2, d_in] (every token's own gate: frozen tasks)."""
     acc = acc_dtype(x.dtype)
     has = (token_task >= 0).unsqueeze(1).to(device=x.device, dtype=acc)
     if gate_weight is not None:
-        beta = torch.softmax((x @ gate_weight.T).to(acc), dim=-1)
+        logits = torch.einsum("ti,tki->tk", x, gate_weight) if gate_weight.dim() == 3 else x @ gate_weight.T
+        beta = torch.softmax(logits.to(acc), dim=-1)
     else:
         beta = torch.ones(x.shape[0], 2, device=x.device, dtype=acc)
     return torch.cat([beta[:, :1] * has + (1.0 - has), beta[:, 1:] * has], dim=1)

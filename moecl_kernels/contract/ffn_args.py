@@ -40,6 +40,11 @@ h_pool W_down^T + b_down + s z_pool B_{down,s}^T`` costs no T x d GEMM (docs/spe
 both are differentiable (the backward takes their gradients). Without ``pool`` they are
 empty [0]. Pooling needs a gate (without one FFN_s is not evaluated); ``ops.ffn`` checks it.
 
+Frozen tasks (``mk.freeze_task``): ``<proj>_snap_shared_A`` [F, r, d_in_p], ``<proj>_snap_shared_B``
+[F, d_out_p, r], ``snap_gate`` [F, 2, d] and ``task_slot`` / ``task_slot_cpu`` as in the linear op
+(``contract.args``): a token of a task in slot f uses slot f's shared expert (all projections) and
+gate; FFN_s, a_s, z_s, coef and the pooled outputs are then of the snapshot. Snapshots get no gradient.
+
 Backward returns the gradients named in ``FFN_GRADS`` (``d<field>``); unneeded ones are None.
 Frozen task experts get zeros and cost no compute, as in the linear op.
 """
@@ -93,6 +98,19 @@ class FfnFwdArgs:
     scale: float
     dropout_p: float
     seed: Optional[Tensor]                 # 0-d int64, or None without dropout
+    gate_proj_snap_shared_A: Optional[Tensor] = None   # [F, r, d]   (frozen tasks: see the module docstring)
+    gate_proj_snap_shared_B: Optional[Tensor] = None   # [F, d_ff, r]
+    up_proj_snap_shared_A: Optional[Tensor] = None     # [F, r, d]
+    up_proj_snap_shared_B: Optional[Tensor] = None     # [F, d_ff, r]
+    down_proj_snap_shared_A: Optional[Tensor] = None   # [F, r, d_ff]
+    down_proj_snap_shared_B: Optional[Tensor] = None   # [F, d_out, r]
+    snap_gate: Optional[Tensor] = None                 # [F, 2, d]
+    task_slot: Optional[Tensor] = None                 # int32 [E], -1 = live
+    task_slot_cpu: Optional[Tensor] = None             # int64 [E] on the host
+
+    def snapshots(self, proj: str) -> tuple:
+        """(snap_shared_A, snap_shared_B) of projection ``proj``."""
+        return getattr(self, f"{proj}_snap_shared_A"), getattr(self, f"{proj}_snap_shared_B")
 
     @property
     def gated_mlp(self) -> bool:
@@ -135,6 +153,7 @@ class FfnBwdArgs(FfnFwdArgs):
         return self.needs_task and (self.expert_trainable is None or bool(self.expert_trainable[e]))
 
 
+FFN_SNAPSHOTS = tuple(f"{p}_snap_shared_{m}" for p in PROJECTIONS for m in "AB") + ("snap_gate",)
 FFN_SAVED = ("g", "u", "a_s", "a_t", "z_s", "z_t", "coef")  # forward outputs the backward consumes
 FFN_POOLED = ("h_pool", "z_pool")  # differentiable forward outputs besides y (empty without pool)
 FFN_NEEDS = ("needs_dx", "needs_shared", "needs_task", "needs_gate")

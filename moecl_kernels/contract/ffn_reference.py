@@ -16,9 +16,9 @@ from torch import Tensor
 from .activations import activation as _act
 from .args import acc_dtype, coefficients
 from .dropout import apply_dropout_reference as apply_dropout
-from .ffn_args import (FFN_GRAD_INPUTS, FFN_POOLED, FFN_SAVED, LORA_PARTS, PROJECTIONS, FfnBwdArgs, FfnFwdArgs, down_seed,
+from .ffn_args import (FFN_GRAD_INPUTS, FFN_POOLED, FFN_SAVED, FFN_SNAPSHOTS, LORA_PARTS, PROJECTIONS, FfnBwdArgs, FfnFwdArgs, down_seed,
                        ffn_grad_flag)
-from .reference import _autograd_enabled
+from .reference import _autograd_enabled, per_token, token_slots
 
 
 def moe_lora_mlp_reference(
@@ -26,7 +26,7 @@ def moe_lora_mlp_reference(
     up_proj_weight: Tensor, up_proj_bias: Optional[Tensor] = None, down_proj_weight: Tensor,
     down_proj_bias: Optional[Tensor] = None, moe_gate: Optional[Tensor] = None, token_task: Tensor,
     activation: str, scale: float, dropout_p: float = 0.0, seed=0, pool: Optional[Tensor] = None,
-    parts: bool = False, **lora: Optional[Tensor],
+    parts: bool = False, task_slot: Optional[Tensor] = None, **lora: Optional[Tensor],
 ):
     """y [T, d_out] of the FFN-level op for x [T, d] (token_task [T], -1 = no task), computed as
     ``c_s FFN_shared(x) + c_t FFN_task(x)``, two whole MLP evaluations per token (ungated: one MLP
@@ -35,8 +35,9 @@ def moe_lora_mlp_reference(
 
     ``parts=True`` returns a dict with y, the saved tensors of ``contract.ffn_args`` (in the
     accumulation dtype), ``ffn_s`` (FFN_shared(x) per token) and, with ``pool``, the pooled
-    outputs."""
-    unknown = set(lora) - {f"{p}_{part}" for p in PROJECTIONS for part in LORA_PARTS}
+    outputs. With ``task_slot`` [E] (frozen tasks, ``contract.ffn_args``): ``<proj>_snap_shared_A/B``
+    and ``snap_gate`` give a frozen task's tokens their slot's shared expert and gate."""
+    unknown = set(lora) - {f"{p}_{part}" for p in PROJECTIONS for part in LORA_PARTS} - set(FFN_SNAPSHOTS)
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     tt = token_task.to(device=x.device, dtype=torch.long)
@@ -45,16 +46,25 @@ def moe_lora_mlp_reference(
     xd = apply_dropout(x, dropout_p, seed)
     base = {"gate_proj": (gate_proj_weight, gate_proj_bias), "up_proj": (up_proj_weight, up_proj_bias),
             "down_proj": (down_proj_weight, down_proj_bias)}
+    if task_slot is not None:  # every token's own shared expert and gate: [T, ...] stacks
+        sidx = token_slots(tt, task_slot) + 1
+        for p in PROJECTIONS:
+            for m in "AB":
+                if lora.get(f"{p}_shared_{m}") is not None:
+                    lora[f"{p}_shared_{m}"] = per_token(lora[f"{p}_shared_{m}"], lora[f"{p}_snap_shared_{m}"], sidx)
+        moe_gate = per_token(moe_gate, lora["snap_gate"], sidx) if moe_gate is not None else None
 
     def shrink(zd: Tensor, proj: str, expert: str) -> Tensor:
         """zd A^T of the expert: [T, r] (the routed expert's gathered per token, 0 without a task)."""
         if expert == "shared":
-            return zd @ lora[f"{proj}_shared_A"].T
+            A = lora[f"{proj}_shared_A"]
+            return torch.einsum("ti,tri->tr", zd, A) if A.dim() == 3 else zd @ A.T
         return torch.einsum("ti,tri->tr", zd, lora[f"{proj}_task_A"][idx]) * has
 
     def expand(a: Tensor, proj: str, expert: str) -> Tensor:
         if expert == "shared":
-            return a @ lora[f"{proj}_shared_B"].T
+            B = lora[f"{proj}_shared_B"]
+            return torch.einsum("tr,tor->to", a, B) if B.dim() == 3 else a @ B.T
         return torch.einsum("tr,tor->to", a, lora[f"{proj}_task_B"][idx])
 
     def project(z: Tensor, zd: Tensor, proj: str, experts: tuple) -> Tensor:
@@ -108,7 +118,8 @@ def pooled_ffn_reference(ffn_s: Tensor, pool: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- the reference backend's FFN op
 _FORMULA_FIELDS = ("gate_proj_weight", "gate_proj_bias", "up_proj_weight", "up_proj_bias", "down_proj_weight",
-                   "down_proj_bias", "moe_gate") + tuple(f"{p}_{part}" for p in PROJECTIONS for part in LORA_PARTS)
+                   "down_proj_bias", "moe_gate", "task_slot") + tuple(f"{p}_{part}" for p in PROJECTIONS
+                                                                        for part in LORA_PARTS) + FFN_SNAPSHOTS
 
 
 def _call(a: FfnFwdArgs, **tensors) -> dict:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .args import BwdArgs, FwdArgs, acc_dtype
+from .args import BwdArgs, FwdArgs, acc_dtype, coefficients
 from .dropout import apply_dropout_reference as apply_dropout
 
 
@@ -33,29 +33,46 @@ def moe_lora_reference(
     scale: float,
     dropout_p: float = 0.0,
     seed=0,
+    snap_shared_A: Optional[Tensor] = None,
+    snap_shared_B: Optional[Tensor] = None,
+    snap_gate: Optional[Tensor] = None,
+    task_slot: Optional[Tensor] = None,
 ) -> Tensor:
-    """y for x [T, d_in] (token_task [T], -1 = no task), computed token by token."""
+    """y for x [T, d_in] (token_task [T], -1 = no task), computed token by token. With
+    ``task_slot`` [E] (frozen tasks, ``contract.args``): a token of a task in slot f >= 0 uses
+    ``snap_shared_A/B[f]`` and ``snap_gate[f]`` instead of the live shared expert and gate."""
     tt = token_task.to(device=x.device, dtype=torch.long)
     has = tt >= 0
     xd = apply_dropout(x, dropout_p, seed)
     y = x @ weight.T
     if bias is not None:
         y = y + bias
-    shared = (xd @ shared_A.T) @ shared_B.T
+    if task_slot is not None:  # per token: 0 = live, 1 + f = slot f
+        sidx = token_slots(tt, task_slot) + 1
+        shared_A, shared_B = per_token(shared_A, snap_shared_A, sidx), per_token(shared_B, snap_shared_B, sidx)
+        gate_weight = per_token(gate_weight, snap_gate, sidx) if gate_weight is not None else None
+    if shared_A.dim() == 3:
+        shared = torch.einsum("tr,tor->to", torch.einsum("ti,tri->tr", xd, shared_A), shared_B)
+    else:
+        shared = (xd @ shared_A.T) @ shared_B.T
     idx = tt.clamp(min=0)
     At = task_A[idx]  # [T, r, d_in]
     Bt = task_B[idx]  # [T, d_out, r]
     ht = torch.einsum("ti,tri->tr", xd, At)
     task = torch.einsum("tr,tor->to", ht, Bt)
-    one = torch.ones_like(x[:, 0])
-    if gate_weight is not None:
-        beta = torch.softmax(x @ gate_weight.T, dim=-1)
-        cs = torch.where(has, beta[:, 0], one)
-        ct = torch.where(has, beta[:, 1], 0 * one)
-    else:
-        cs = one
-        ct = has.to(x.dtype)
-    return y + scale * cs[:, None] * shared + scale * ct[:, None] * task
+    coef = coefficients(x, gate_weight, tt).to(x.dtype)
+    return y + scale * coef[:, :1] * shared + scale * coef[:, 1:] * task
+
+
+def token_slots(tt: Tensor, task_slot: Tensor) -> Tensor:
+    """The snapshot slot of every token (long [T]; -1: the live shared expert and gate)."""
+    slot = task_slot.to(device=tt.device, dtype=torch.long)[tt.clamp(min=0)]
+    return torch.where(tt >= 0, slot, -1)
+
+
+def per_token(live: Tensor, snaps: Tensor, sidx: Tensor) -> Tensor:
+    """[T, *live.shape]: the live tensor (sidx 0) or snapshot ``sidx - 1`` of every token."""
+    return torch.cat([live.unsqueeze(0), snaps.to(live.dtype)])[sidx]
 
 
 def pooled_shared_reference(
@@ -85,13 +102,15 @@ def _autograd_enabled():
 class ReferenceBackend:
     name = "reference"
     priority = -10
+    serves_snapshots = True  # takes frozen tasks' snapshots (contract.args); others fall back to eager
 
     def unavailable_reason(self, x: Tensor) -> Optional[str]:
         return None
 
     @staticmethod
     def _call(a: FwdArgs, x, As, Bs, A, B, G) -> Tensor:
-        return moe_lora_reference(x, a.weight, a.bias, As, Bs, A, B, G, a.token_task, a.scale, a.dropout_p, a.seed)
+        return moe_lora_reference(x, a.weight, a.bias, As, Bs, A, B, G, a.token_task, a.scale, a.dropout_p, a.seed,
+                                  a.snap_shared_A, a.snap_shared_B, a.snap_gate, a.task_slot)
 
     def forward(self, a: FwdArgs):
         acc = acc_dtype(a.x.dtype)
@@ -99,14 +118,13 @@ class ReferenceBackend:
         xd = apply_dropout(a.x, a.dropout_p, a.seed).to(acc)
         tt = a.token_task.long()
         has = tt >= 0
-        h_s = xd @ a.shared_A.to(acc).T
+        As, G = a.shared_A.to(acc), a.gate_weight.to(acc) if a.gate_weight is not None else None
+        if a.task_slot is not None:
+            sidx = token_slots(tt, a.task_slot) + 1
+            As, G = per_token(As, a.snap_shared_A, sidx), per_token(G, a.snap_gate, sidx) if G is not None else None
+        h_s = torch.einsum("ti,tri->tr", xd, As) if As.dim() == 3 else xd @ As.T
         h_t = torch.einsum("ti,tri->tr", xd, a.task_A.to(acc)[tt.clamp(min=0)]) * has[:, None]
-        if a.gate_weight is not None:
-            beta = torch.softmax(a.x.to(acc) @ a.gate_weight.to(acc).T, dim=-1)
-        else:
-            beta = torch.ones(a.x.shape[0], 2, dtype=acc, device=a.x.device)
-        coef = torch.stack([torch.where(has, beta[:, 0], 1.0), torch.where(has, beta[:, 1], 0.0)], dim=1)
-        return y, h_s, h_t, coef
+        return y, h_s, h_t, coefficients(a.x.to(acc), G, tt)
 
     def backward(self, a: BwdArgs):
         # The op's backward runs below the Autograd dispatch key; re-enable it for the

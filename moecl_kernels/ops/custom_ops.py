@@ -31,10 +31,13 @@ from ..contract.ffn_args import (FFN_GRAD_INPUTS, FFN_GRADS, FFN_NEEDS, FFN_POOL
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Optional[Tensor]": "Tensor?", "int": "int", "float": "float", "bool": "bool",
                  "list[bool]": "bool[]", "str": "str"}
 OPT_FIELDS = tuple(f.name for f in fields(OpOptions))
+_OPTIONAL = {f.name for dc in (FwdArgs, FfnFwdArgs) for f in fields(dc) if f.default is None}
 
 
 def call_args(names: tuple, **kw) -> tuple:
-    """The positional arguments of an op, by name (``FWD_SCHEMA_ARGS`` / ``BWD_SCHEMA_ARGS``)."""
+    """The positional arguments of an op, by name (``FWD_SCHEMA_ARGS`` / ``BWD_SCHEMA_ARGS``); the
+    snapshot fields (frozen tasks) default to None."""
+    kw = dict({n: None for n in names if n in _OPTIONAL}, **kw)
     missing = [n for n in names if n not in kw]
     extra = sorted(set(kw) - set(names))
     if missing or extra:
@@ -83,7 +86,11 @@ def define_fused_op(
     def fwd_impl(*values):
         kw = dict(zip(fwd_args, values))
         a = fwd_cls(**{n: kw[n] for n in fwd_fields})
-        return tuple(getattr(_bk.backend(kw["backend"]), fwd_method)(a))
+        b = _bk.backend(kw["backend"])
+        if kw.get("task_slot") is not None and not getattr(b, "serves_snapshots", False):
+            raise ValueError(f"backend {kw['backend']!r} cannot serve frozen tasks' tokens (task_slot given): "
+                             "call the op through moe_lora_linear / moe_lora_mlp, which route them to eager")
+        return tuple(getattr(b, fwd_method)(a))
 
     fwd_op = torch.library.custom_op(f"moecl::{name}_fwd", fwd_impl, mutates_args=(), schema=schema(fwd_args, n_out))
     fwd_op.register_fake(lambda *values: fake_outputs(dict(zip(fwd_args, values))))

@@ -12,13 +12,15 @@ from torch import Tensor
 
 from .. import backends as _bk
 from ..contract import OpOptions, acc_dtype
-from ..contract.ffn_args import ACTIVATIONS, PROJECTIONS, FfnFwdArgs
+from ..contract.ffn_args import ACTIVATIONS, FFN_SNAPSHOTS, PROJECTIONS, FfnFwdArgs
 from ..routing import Routing
 from .custom_ops import moe_lora_mlp_fwd
 from .linear import _FLOAT_DTYPES, _check, astuple_shallow, check_like_x, check_routing
+from .snapshots import check_snapshots, frozen_tokens, host_slots, snapshot_backend
 
 _TENSOR_ARGS = tuple(f.name for f in fields(FfnFwdArgs) if "Tensor" in str(f.type)
-                     and f.name not in ("x", "token_task", "sorted_idx", "expert_offsets", "offsets_cpu", "pool", "seed"))
+                     and f.name not in ("x", "token_task", "sorted_idx", "expert_offsets", "offsets_cpu", "pool", "seed",
+                                        "task_slot", "task_slot_cpu"))
 
 
 def _shape(t) -> tuple:
@@ -83,6 +85,8 @@ def moe_lora_mlp(
     expert_trainable: Optional[list[bool]] = None,
     deterministic: bool = False,
     backend: Optional[str] = None,
+    task_slot: Optional[Tensor] = None,
+    task_slot_cpu: Optional[Tensor] = None,
     **tensors: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h_pool, z_pool) of the FFN-level op (docs/spec.md §1.3) for x [T, d].
@@ -90,7 +94,9 @@ def moe_lora_mlp(
     ``tensors``: the base weights and LoRA factors by their ``contract.ffn_args.FfnFwdArgs``
     names (``gate_proj_weight``, ``up_proj_shared_A``, ``down_proj_task_B``, ``moe_gate``, ...;
     leave the ``gate_proj_*`` out for a plain two-layer MLP). ``pool`` [B, S]: pooling weights
-    for the pooled shared-expert outputs (empty tensors without it)."""
+    for the pooled shared-expert outputs (empty tensors without it). Frozen tasks (``mk.freeze_task``,
+    ``contract.ffn_args``): ``task_slot`` [E] (``task_slot_cpu``: its host copy) with the slots'
+    ``<proj>_snap_shared_A/B`` and ``snap_gate``."""
     unknown = sorted(set(tensors) - set(_TENSOR_ARGS))
     if unknown:
         raise TypeError(f"moe_lora_mlp got unexpected arguments {unknown}; tensors are named {list(_TENSOR_ARGS)}")
@@ -100,7 +106,24 @@ def moe_lora_mlp(
     r, E = tensors["up_proj_shared_A"].shape[0], tensors["up_proj_task_A"].shape[0]
     n_pre = 2 if tensors.get("gate_proj_weight") is not None else 1
     name = _bk.choose_ffn_backend(backend, x, n_pre * r, E)  # the x shrink runs both projections' ranks at once
-    a = FfnFwdArgs(x=x, **{n: tensors.get(n) for n in _TENSOR_ARGS}, token_task=routing.token_task,
+    snap_names = [n for n in FFN_SNAPSHOTS if tensors.get(n) is not None]
+    slots = {}
+    if task_slot is not None:
+        task_slot_cpu = host_slots(task_slot, task_slot_cpu, E)
+        named = []
+        for proj in PROJECTIONS:
+            A, B = tensors.get(f"{proj}_shared_A"), tensors.get(f"{proj}_shared_B")
+            named += [(f"{proj}_snap_shared_A", tensors.get(f"{proj}_snap_shared_A"), tuple(A.shape) if A is not None else None),
+                      (f"{proj}_snap_shared_B", tensors.get(f"{proj}_snap_shared_B"), tuple(B.shape) if B is not None else None)]
+        gate = tensors.get("moe_gate")
+        named.append(("snap_gate", tensors.get("snap_gate"), tuple(gate.shape) if gate is not None else None))
+        check_snapshots(named, task_slot_cpu, x)
+        if frozen_tokens(task_slot_cpu, routing):
+            slots = dict(task_slot=task_slot.to(device=x.device, dtype=torch.int32), task_slot_cpu=task_slot_cpu)
+            name = snapshot_backend(name)
+    if not slots:  # an ordinary call: no frozen task's token
+        tensors = {n: t for n, t in tensors.items() if n not in snap_names}
+    a = FfnFwdArgs(x=x, **{n: tensors.get(n) for n in _TENSOR_ARGS}, **slots, token_task=routing.token_task,
                    sorted_idx=routing.sorted_idx, expert_offsets=routing.expert_offsets,
                    offsets_cpu=routing.offsets_cpu, single_task=routing.single_task,
                    pool=pool.to(acc_dtype(x.dtype)) if pool is not None else None, activation=activation,

@@ -13,6 +13,7 @@ from .. import backends as _bk
 from ..contract import FwdArgs, OpOptions
 from ..routing import Routing
 from .custom_ops import moe_lora_fwd
+from .snapshots import check_snapshots, frozen_tokens, host_slots, snapshot_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -136,9 +137,28 @@ def moe_lora_linear(
     expert_trainable: Optional[list[bool]] = None,
     deterministic: bool = False,
     backend: Optional[str] = None,
+    snap_shared_A: Optional[Tensor] = None,
+    snap_shared_B: Optional[Tensor] = None,
+    snap_gate: Optional[Tensor] = None,
+    task_slot: Optional[Tensor] = None,
+    task_slot_cpu: Optional[Tensor] = None,
 ) -> Tensor:
-    """y = x W^T + b + gated shared LoRA + gated routed task LoRA (docs/spec.md, "The linear op"), for x [T, d_in]."""
+    """y = x W^T + b + gated shared LoRA + gated routed task LoRA (docs/spec.md, "The linear op"), for x [T, d_in].
+
+    Frozen tasks (``mk.freeze_task``, ``contract.args``): ``task_slot`` [E] (slot of each task, -1 =
+    live; ``task_slot_cpu`` its host copy saves a sync) and the slots' ``snap_shared_A`` [F, r, d_in],
+    ``snap_shared_B`` [F, d_out, r] and ``snap_gate`` [F, 2, d_in] (with a gate)."""
     validate(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight, routing, dropout_p)
+    snaps = {}
+    if task_slot is not None:
+        task_slot_cpu = host_slots(task_slot, task_slot_cpu, task_A.shape[0])
+        (r, d_in), d_out = shared_A.shape, weight.shape[0]
+        check_snapshots([("snap_shared_A", snap_shared_A, (r, d_in)), ("snap_shared_B", snap_shared_B, (d_out, r)),
+                         ("snap_gate", snap_gate, (2, d_in) if gate_weight is not None else None)], task_slot_cpu, x)
+        _check(gate_weight is not None or snap_gate is None, "snap_gate is given but gate_weight is None")
+        if frozen_tokens(task_slot_cpu, routing):  # otherwise an ordinary call
+            snaps = dict(snap_shared_A=snap_shared_A, snap_shared_B=snap_shared_B, snap_gate=snap_gate,
+                         task_slot=task_slot.to(device=x.device, dtype=torch.int32), task_slot_cpu=task_slot_cpu)
     if dropout_p > 0.0:
         _check(seed is not None, "seed is required when dropout_p > 0 (a 0-dim int64 tensor on x's device)")
         _check(isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point()
@@ -147,11 +167,13 @@ def moe_lora_linear(
         if seed.device != x.device:  # a host seed costs a copy per call; draw it on x's device instead
             seed = seed.to(x.device)
     name = _bk.choose_backend(backend, x, shared_A.shape[0], task_A.shape[0])
+    if snaps:
+        name = snapshot_backend(name)
     a = FwdArgs(x=x, weight=weight, bias=bias, shared_A=shared_A, shared_B=shared_B, task_A=task_A, task_B=task_B,
                 gate_weight=gate_weight, token_task=routing.token_task, sorted_idx=routing.sorted_idx,
                 expert_offsets=routing.expert_offsets, offsets_cpu=routing.offsets_cpu,
                 single_task=routing.single_task, scale=float(scale), dropout_p=float(dropout_p),
-                seed=seed if dropout_p > 0.0 else None)
+                seed=seed if dropout_p > 0.0 else None, **snaps)
     if not _needs_custom_op(x, weight, bias, shared_A, shared_B, task_A, task_B, gate_weight):
         # eager inference (decode): nothing to differentiate, nothing to trace -- call the
         # backend directly and skip the custom op's dispatch (tens of microseconds a call)

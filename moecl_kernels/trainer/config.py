@@ -300,6 +300,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def config_from_dict(data: dict) -> RunConfig:
+    """The checked config of a mapping (``RunConfig.to_dict``'s output: a report's or an export's)."""
+    return _check(_build(RunConfig, data, ""))
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """The config of ``path`` (YAML or JSON; None = defaults) with ``overrides`` applied."""
     data: dict = {}
@@ -322,4 +327,4 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value
-    return _check(_build(RunConfig, data, ""))
+    return config_from_dict(data)

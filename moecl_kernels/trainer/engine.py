@@ -38,6 +38,7 @@ from .config import RunConfig
 from .data import DataFormatError, TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .folder import load_folder
+from .export import write_export
 from .methods import METHODS, MethodSpec, merge_expert
 from .metrics import add_transfer_gain, cl_metrics
 from .model import (ContinualModel, adapter_parameters, build_backbone, build_tokenizer, default_target_modules,
@@ -274,7 +275,7 @@ class MethodRun:
         result = self._result(time.perf_counter() - t0)
         if info.is_main:
             write_method_report(self.out_dir, result)
-            mk.save(self.model.backbone, self.out_dir / "adapter")
+            write_export(self.out_dir, cfg, self.name, self.model, self.prep, result["R"][-1])  # adapter/ + heads
         barrier(info)
         return result
 

