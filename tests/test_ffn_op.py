@@ -315,3 +315,28 @@ def test_workspace_buffers_never_escape_a_call(level, p):
     call(3)
     for a, b in zip(first, kept):
         assert torch.equal(a, b)
+
+
+def test_ffn_inference_calls_skip_the_custom_op_dispatch(monkeypatch):
+    """As the linear op: without autograd or a dispatch mode watching, moe_lora_mlp calls the
+    backend directly (decode's host cost); the result equals the custom op's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moecl_kernels.ops import ffn as op_module
+
+    inp, g = ffn_inputs(6, 8, 12, 2, 3, dtype=torch.float32)
+    x = inp.pop("x")
+    R = build_routing(token_tasks("mixed", 6, 3, g), 3, 6)
+    calls = []
+    real = op_module.moe_lora_mlp_fwd
+    monkeypatch.setattr(op_module, "moe_lora_mlp_fwd", lambda *a: calls.append(1) or real(*a))
+    kw = dict(activation="silu", scale=1.3)
+    with torch.no_grad():
+        y_direct = moe_lora_mlp(x, R, **kw, **inp)[0]
+    assert calls == []
+    y_op = moe_lora_mlp(x, R, **kw, **inp)[0]  # the adapters require grad: through the op
+    assert calls == [1] and y_op.requires_grad
+    assert torch.equal(y_direct, y_op.detach())
+    with torch.no_grad(), FlopCounterMode(display=False):
+        moe_lora_mlp(x, R, **kw, **inp)
+    assert calls == [1, 1]

@@ -157,9 +157,10 @@ def task_one_hot(token_task: Tensor, num_experts: int, dtype: torch.dtype) -> Te
 
 def dense_shrink(A: Tensor, v: Tensor, hot: Tensor) -> Tensor:
     """``v[t] @ A[task(t)]^T`` [T, m] in hot's dtype for A [E, m, n], v [T, n] (0 without a task)."""
-    E, m, n = A.shape
-    every = torch.mm(v, A.reshape(E * m, n).t()).view(-1, E, m).to(hot.dtype)
-    return (every * hot.unsqueeze(2)).sum(1)
+    # one batch per expert (not one [T, E m] GEMM): a token's result does not depend on how many
+    # experts there are, so add_tasks leaves the outputs bit-for-bit as they were
+    every = torch.bmm(v.unsqueeze(0).expand(A.shape[0], -1, -1), A.transpose(1, 2)).to(hot.dtype)  # [E, T, m]
+    return (every * hot.t().unsqueeze(2)).sum(0)
 
 
 def dense_expand(B: Tensor, c: Tensor, hot: Tensor) -> Tensor:

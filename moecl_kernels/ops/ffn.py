@@ -15,7 +15,7 @@ from ..contract import OpOptions, acc_dtype
 from ..contract.ffn_args import ACTIVATIONS, FFN_SNAPSHOTS, PROJECTIONS, FfnFwdArgs
 from ..routing import Routing
 from .custom_ops import moe_lora_mlp_fwd
-from .linear import _FLOAT_DTYPES, _check, astuple_shallow, check_like_x, check_routing
+from .linear import _FLOAT_DTYPES, _check, _needs_custom_op, astuple_shallow, check_like_x, check_routing
 from .snapshots import check_snapshots, frozen_tokens, host_slots, snapshot_backend
 
 _TENSOR_ARGS = tuple(f.name for f in fields(FfnFwdArgs) if "Tensor" in str(f.type)
@@ -128,6 +128,11 @@ def moe_lora_mlp(
                    offsets_cpu=routing.offsets_cpu, single_task=routing.single_task,
                    pool=pool.to(acc_dtype(x.dtype)) if pool is not None else None, activation=activation,
                    scale=float(scale), dropout_p=float(dropout_p), seed=seed if dropout_p > 0.0 else None)
+    if not _needs_custom_op(x, *tensors.values()):
+        # inference (decode): nothing to differentiate or trace -- the backend directly, without the
+        # custom op's dispatch (as moe_lora_linear does)
+        out = _bk.backend(name).ffn_forward(a)
+        return out[0], out[-2], out[-1]
     opts = OpOptions(expert_trainable=list(expert_trainable) if expert_trainable is not None else [],
                      deterministic=bool(deterministic), backend=name)
     out = moe_lora_mlp_fwd(*astuple_shallow(a), *astuple_shallow(opts))
