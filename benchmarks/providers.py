@@ -118,6 +118,9 @@ class BaseLinear(Provider):
 
 
 TRITON_PROVIDERS = {f"triton-{v}": v for v in ("addmm", "fused", "gemm", "gemm-ptr", "gemm-tma")}
+# extra tiles as providers of their own (moecl_kernels.backends.triton.variants.TILE_PROVIDERS)
+TILE_PROVIDER_NAMES = ("triton-gemm-tma-2cta", "triton-gemm-decode-1wave")
+TRITON_PROVIDERS.update({n: n[len("triton-"):] for n in TILE_PROVIDER_NAMES})
 
 
 def register_triton_variant_backends() -> None:
@@ -130,8 +133,12 @@ def register_triton_variant_backends() -> None:
 
         def factory(name=name, variant=variant):
             from moecl_kernels.backends.triton import TritonBackend
+            from moecl_kernels.backends.triton.variants import TILE_PROVIDERS
 
-            b = TritonBackend(variant=variant)
+            tiles = None
+            if variant in TILE_PROVIDERS:
+                variant, tiles = TILE_PROVIDERS[variant][0], dict(TILE_PROVIDERS[variant][1])
+            b = TritonBackend(variant=variant, tiles=tiles)
             b.name, b.priority = name, -1
             return b
 
@@ -152,7 +159,7 @@ class OpBackend(Provider):
     def skip_reason(self, p):
         if self.name != "eager" and p.device.type != "cuda":
             return "GPU backend: timed on a GPU only"
-        if self.name == "triton-gemm-tma" and torch.cuda.get_device_capability(p.device)[0] < 9:
+        if self.name.startswith("triton-gemm-tma") and torch.cuda.get_device_capability(p.device)[0] < 9:
             return "TMA needs sm_90+"
         try:
             mk_backends.resolve_backend(self.name, p.sets[0].x)
