@@ -110,7 +110,13 @@ def _moe_targets(s: InputSet, with_x: bool = True) -> dict[str, Tensor]:
 
 
 class BaseLinear(Provider):
-    name, semantics = "base", "base"
+    """``F.linear``; timed twice per case (``base`` and ``base-repeat``, round-robin with the rest):
+    their ratio is the run's noise floor, beside every ratio to the base."""
+
+    semantics = "base"
+
+    def __init__(self, name: str = "base"):
+        self.name = name
 
     def bind(self, p, i):
         s = p.sets[i]
@@ -338,5 +344,5 @@ class GroupedMM(Provider):
 
 
 def all_providers() -> list[Provider]:
-    return [BaseLinear(), OpBackend("eager"), *map(OpBackend, TRITON_PROVIDERS),
+    return [BaseLinear(), BaseLinear("base-repeat"), OpBackend("eager"), *map(OpBackend, TRITON_PROVIDERS),
             OpBackend("cuda"), Reference(), PeftSingle(), PeftMixed(), GroupedMM()]
