@@ -298,3 +298,16 @@ def test_ffn_harness_on_a_gpu():
     for mode in cases.MODES:
         recs = bench_ffn.run_case(FfnCase(mode, 256, 704, 8, 4, 200, "ragged"), ffn_providers(), dev, timer)
         assert not [r for r in recs if r["status"] != "ok"], recs
+
+
+def test_e2e_isolates_a_failing_backend(monkeypatch):
+    """A backend that raises is recorded and the others (eager and PEFT first) are still timed."""
+    from benchmarks import bench_e2e
+
+    monkeypatch.setattr(bench_e2e, "fused_backends", lambda probe: ["no-such-backend"])
+    saved = []
+    res = bench_e2e.run(True, CPU, save=lambda r: saved.append(set(r["variants"])))
+    assert "no-such-backend" in res["errors"] and not res["check"]["no-such-backend"]["ok"]
+    assert set(res["variants"]) == {"eager", "peft"} and "ratios" not in res
+    assert {"eager"} in saved and saved.index({"eager"}) < saved.index({"eager", "peft"})  # written as each finishes
+    assert "no-such-backend failed" in bench_e2e.report_md(res)
