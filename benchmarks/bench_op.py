@@ -43,7 +43,7 @@ from moecl_kernels.routing import build_routing
 from .cases import (MODES, ROUTINGS, SPEC_TARGETS, Case, batch_tasks, full_cases, gpu_cases, quick_cases,  # noqa: F401
                     saved_bound_bytes, spec_cases)
 from .common import (DTYPES, REPO_ROOT, TOLERANCE, Timer, device_ceilings, environment, l2_bytes, peak_memory_mb,
-                     poisoned, rel_err, saved_activation_bytes, write_json)
+                     RowTimeout, poisoned, rel_err, row_budget, saved_activation_bytes, write_json)
 from .providers import InputSet, Problem, Provider, all_providers
 from .report import auto_choice_candidate, cell, evaluate_spec, plot, report_md
 
@@ -372,6 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--providers", help="comma-separated subset of providers (base is always included)")
     ap.add_argument("--time-budget", type=float, help="seconds; cases left when it runs out are reported as not run "
                                                       "(default: 420 for the curated GPU sweep, none otherwise)")
+    ap.add_argument("--row-budget", type=float, help="seconds per case; a case past it is recorded as "
+                                                     "'budget' and the next one runs (default: none)")
     ap.add_argument("--e2e-json", type=Path, help="bench_e2e.py's JSON, for the end-to-end docs/spec.md §4 row")
     ap.add_argument("--no-plot", action="store_true", help="skip bench.png")
     ap.add_argument("--rerender", action="store_true",
@@ -454,7 +456,13 @@ def main(argv=None) -> int:
         if budget is not None and time.monotonic() - t0 > budget:
             results += [{"label": c.label, "case": asdict(c), "provider": n, "status": "budget"} for n in names]
             continue
-        recs = run_case(c, providers, device, timer, args.inject_error)
+        try:
+            with row_budget(args.row_budget):
+                recs = run_case(c, providers, device, timer, args.inject_error)
+        except RowTimeout as e:  # this row only: the next one gets its own budget
+            recs = [{"label": c.label, "case": asdict(c), "provider": n, "status": "budget", "reason": str(e)}
+                    for n in names]
+            _free(device)
         results += recs
         save_json()
         cells = " ".join(f"{r['provider']}={cell(r)}" for r in recs if r["status"] != "skipped")

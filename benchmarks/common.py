@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -89,6 +90,31 @@ def poisoned():
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
         torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+class RowTimeout(BaseException):
+    """A benchmark row ran past its own time budget (a BaseException: a provider's ``except Exception``
+    does not swallow it)."""
+
+
+@contextlib.contextmanager
+def row_budget(seconds: Optional[float]):
+    """Raise ``RowTimeout`` in the main thread once ``seconds`` have passed (no limit when None or 0).
+    A GPU synchronisation in progress finishes first; the rows written before stay written."""
+    if not seconds or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise RowTimeout(f"over its budget of {seconds:g} s")
+
+    prev = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, prev)
 
 
 def _version(module: str) -> Optional[str]:

@@ -30,6 +30,11 @@ from moecl_kernels import backends as mk_backends
 from moecl_kernels.ops import moe_lora_linear, moe_lora_reference
 from moecl_kernels.routing import Routing
 
+try:
+    from moecl_kernels.backends.triton.configs import DECODE_T  # token counts that take the decode path
+except ImportError:  # no Triton: its providers skip anyway
+    DECODE_T = 0
+
 # The reference provider materialises [T, r, d_in] and [T, d_out, r] gathers; above this many
 # bytes (x3 with backward) it is skipped rather than run out of memory.
 REFERENCE_MAX_BYTES = {"cuda": 8 * 2**30, "cpu": 2**30}
@@ -165,6 +170,8 @@ class OpBackend(Provider):
     def skip_reason(self, p):
         if self.name != "eager" and p.device.type != "cuda":
             return "GPU backend: timed on a GPU only"
+        if self.name == "triton-gemm-decode-1wave" and p.dims[0] > DECODE_T:
+            return f"a decode tile: above T = {DECODE_T} it runs triton-gemm's kernels"
         if self.name.startswith("triton-gemm-tma") and torch.cuda.get_device_capability(p.device)[0] < 9:
             return "TMA needs sm_90+"
         try:
