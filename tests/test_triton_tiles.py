@@ -101,3 +101,46 @@ def test_tile_providers_are_benchmark_providers():
 
     for n in TILE_PROVIDER_NAMES:
         assert TRITON_PROVIDERS[n] in V.TILE_PROVIDERS
+
+
+# ---------------------------------------------------------------------------------------------
+# the FFN weight-gradient kernel split over token chunks (fixed-order fp32 slots + one reduce launch)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("routing", ["skewed", "single"])
+def test_ffn_wgrad_split_over_token_chunks(dtype, routing, monkeypatch):
+    """One token block per chunk: chunks that start and end inside an expert's group, chunks that
+    hold several experts, frozen experts (zeros) and experts without tokens, against float64."""
+    from test_ffn_triton import Case as FfnCase, check as ffn_check, make_args, run as ffn_run, to64
+
+    from moecl_kernels.backends.triton import ffn as FF
+
+    monkeypatch.setenv(FF.WGRAD_CHUNK_ENV, "16")
+    c = FfnCase(T=70, d=13, d_ff=37, r=5, E=5, routing=routing)
+    fa, bwd = make_args(c, dtype, trainable=[True, False, True, True, True])
+    ref = ffn_run("reference", to64(fa), bwd, torch.float64)
+    eager = ffn_run(EagerBackend(), fa, bwd, dtype)
+    got = ffn_run(TritonBackend(), fa, bwd, dtype)
+    ffn_check(got, eager, ref, dtype, what=f"{routing} {dtype}: ")
+    for n in ("gate_proj_task_B", "up_proj_task_B", "down_proj_task_A"):
+        assert got[n][1].abs().max() == 0, n  # the frozen expert
+    again = ffn_run(TritonBackend(), fa, bwd, dtype)  # slots added in a fixed order: bit-identical
+    for n in ("up_proj_shared_B", "down_proj_shared_A", "gate_proj_task_B", "down_proj_task_A"):
+        assert torch.equal(got[n], again[n]), n
+
+
+def test_ffn_wgrad_chunk_planning(monkeypatch):
+    from moecl_kernels.backends.triton import configs
+    from moecl_kernels.backends.triton import ffn as FF
+
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # issue 12's row: T = 8192, d_ff = 11008 in 64-wide blocks (172): 4 chunks of 2048 tokens, 688 programs
+    assert FF.wgrad_chunk(8192, 172, 32, cuda) == 2048
+    assert FF.wgrad_chunk(16, 172, 32, cuda) == 32  # decode: one chunk
+    for T in (1, 31, 33, 1000, 8191, 65536):
+        ch = FF.wgrad_chunk(T, 172, 32, cuda)
+        assert ch % 32 == 0 and 1 <= -(-T // ch) <= max(1, -(-4 * 132 // 172))
+    assert FF.wgrad_chunk(70, 3, 16, torch.device("cpu")) == 32  # the interpreter: two token blocks
