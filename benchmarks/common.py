@@ -75,7 +75,7 @@ def git_dirty() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def poisoned():
+def poisoned(quiet: bool = True):
     """Every uninitialised allocation (``torch.empty`` and the caching allocator's reused blocks) is
     filled with NaN (integers: their maximum) while the block runs, so a provider that leaves part of
     its output unwritten cannot pass its check on what the previous provider left in that memory."""
@@ -84,8 +84,9 @@ def poisoned():
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "... does not have a deterministic implementation"
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:  # "... does not have a deterministic implementation"
+                warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
