@@ -117,3 +117,16 @@ def test_row_budget_interrupts_only_its_row():
     with row_budget(5):  # a row inside its budget is untouched, and the timer is cleared after it
         pass
     time.sleep(0.05)
+
+
+@pytest.mark.parametrize("module", ["bench_op", "bench_ffn"])
+def test_a_row_past_its_budget_is_recorded_and_the_next_runs(module, tmp_path):
+    import importlib
+
+    m = importlib.import_module(f"benchmarks.{module}")
+    m.main(["--quick", "--row-budget", "0.001", "--providers", "eager", "--out", str(tmp_path)]
+           + (["--no-plot"] if module == "bench_op" else []))
+    res = json.loads((tmp_path / ("bench.json" if module == "bench_op" else "ffn.json")).read_text())["results"]
+    labels = {r["label"] for r in res}
+    assert len(labels) > 1 and all(r["status"] == "budget" for r in res), {r["status"] for r in res}
+    assert all("over its budget" in r["reason"] for r in res)
