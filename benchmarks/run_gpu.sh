@@ -4,7 +4,8 @@
 #
 #   build     pip install -e . (the CUDA extension, this GPU's architecture only)            build.log
 #   warm      the JIT warm-up: every provider x case of spec and ffn once, WARM_PROCS processes
-#             in parallel (python -m benchmarks.gpu_plan --warm), Triton's disk cache filled    build.log
+#             in parallel (python -m benchmarks.gpu_plan --warm), and the sanitizer's case once
+#             (no sanitizer): Triton's disk cache filled before anything is timed             build.log
 #   spec      bench_op --spec: the §4 op rows + ragged + decode (eager and graph-replayed), every
 #             row its own budget (--row-budget), bench.json rewritten after every row         bench.json bench.md
 #   ffn       bench_ffn: the FFN §4 row and its neighbours, every row its own budget          ffn.json ffn.md
@@ -155,6 +156,9 @@ stage_warm() {  # WARM_PROCS processes, each a shard of the provider x case unit
       --ffn-providers "$FFN_PROVIDERS" >"$SCRATCH/warm.$i.log" 2>&1 &
     pids+=($!)
   done
+  # the sanitizer's case too (its shapes differ): compiled here, not under compute-sanitizer later
+  MOECL_TRITON_VARIANT=gemm timeout "$LIMIT" "$PY" tools/sanitize_triton.py --gemm >"$SCRATCH/warm.sanitize.log" 2>&1 &
+  pids+=($!)
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; done
   cat "$SCRATCH"/warm.*.log >>"$OUT/build.log"
   grep -c ": ok" "$SCRATCH"/warm.*.log | awk -F: '{n += $2} END {print n " units warmed"}'

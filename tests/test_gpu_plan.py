@@ -85,6 +85,7 @@ def test_every_stage_runs_and_reports_with_a_stub_python(tmp_path):
     assert p.returncode == 1 and "commit abc uncommitted clean" in log and "GPU at end" in log
     calls = (tmp_path / "calls").read_text()
     assert calls.count("-m benchmarks.gpu_plan --warm --shard") == 3
+    assert calls.count("tools/sanitize_triton.py --gemm") == 1  # compiled in the warm-up, not under the sanitizer
     assert "--row-budget 15" in calls and "-m benchmarks.bench_ffn" in calls and "-m benchmarks.bench_e2e" in calls
     assert {f.name for f in out.iterdir()} <= FILES
 
