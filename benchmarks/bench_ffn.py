@@ -26,7 +26,8 @@ from moecl_kernels.routing import build_routing
 
 from .bench_op import _free, _stats, _time_all, check_rows, prepare_providers
 from .cases import FFN_TARGETS, FfnCase, batch_tasks, ffn_quick_cases, ffn_spec_cases
-from .common import DTYPES, REPO_ROOT, Timer, environment, fmt, l2_bytes, md_table, saved_activation_bytes, write_json
+from .common import (DTYPES, REPO_ROOT, RowTimeout, Timer, environment, fmt, l2_bytes, md_table, row_budget,
+                     saved_activation_bytes, write_json)
 from .ffn_providers import LORA, FfnInputSet, FfnProblem, ffn_providers
 
 
@@ -123,6 +124,9 @@ def run_case(c: FfnCase, providers: list, device: torch.device, timer: Timer, in
     return list(recs.values())
 
 
+DEFAULT_PATH = "triton"  # what backend="triton" (and auto on a GPU) runs at the FFN level
+
+
 def report_md(env: dict, sweep: str, results: list[dict]) -> str:
     rows = [(r["label"], r["provider"], fmt(r.get("median_ms")), fmt(r.get("ratio_to_base"), ".3f"),
              fmt(r.get("ratio_to_two_ffn"), ".3f"), fmt(r.get("max_err"), ".2g"),
@@ -137,9 +141,14 @@ def report_md(env: dict, sweep: str, results: list[dict]) -> str:
         got = [r for r in results if r["label"] == t.case.label and r["status"] == "ok" and r["semantics"] == "moe"
                and r["provider"] != "two-ffn" and "ratio_to_base" in r]
         best = min(got, key=lambda r: r["ratio_to_base"]) if got else None
-        verdict = "not run" if best is None else ("met" if best["ratio_to_base"] <= t.max_ratio else "not met")
+        dflt = next((r for r in got if r["provider"] == DEFAULT_PATH), None)  # judged on the default path
+        verdict = "not run" if dflt is None else ("met" if dflt["ratio_to_base"] <= t.max_ratio else "not met")
+        noise = next((r["ratio_to_base"] for r in results if r["label"] == t.case.label
+                      and r["provider"] == "base-mlp-repeat" and "ratio_to_base" in r), None)
         lines.append(f"Target ({t.label}): {t.target}: **{verdict}**"
-                     + (f" ({best['ratio_to_base']:.3f}× by {best['provider']})" if best else ""))
+                     + (f" ({dflt['ratio_to_base']:.3f}× by {DEFAULT_PATH}, the default path)" if dflt else "")
+                     + (f"; best {best['ratio_to_base']:.3f}× by {best['provider']}" if best else "")
+                     + (f"; noise floor (base MLP timed twice) ±{abs(noise - 1):.3f}" if noise is not None else ""))
     lines += ["", md_table(["case", "provider", "median ms", "× base MLP", "× two-FFN", "max err", "status"], rows), ""]
     return "\n".join(lines)
 
@@ -150,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="output folder (default benchmarks/results/quick or .../gpu)")
     ap.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     ap.add_argument("--providers", help="comma-separated subset (base-mlp is always included)")
+    ap.add_argument("--row-budget", type=float, help="seconds per case; a case past it is recorded as 'budget'")
     ap.add_argument("--inject-error", metavar="PROVIDER", help=argparse.SUPPRESS)  # tests: a wrong provider
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -164,13 +174,19 @@ def main(argv=None) -> int:
             return 2
         sweep, cases = "issue 12 rows (see cases.ffn_spec_cases)", ffn_spec_cases()
         timer = Timer(device, target_ms=100, min_reps=10, max_reps=100, warmup=3)
-    names = None if not args.providers else ["base-mlp", *args.providers.split(",")]
+    names = None if not args.providers else ["base-mlp", "base-mlp-repeat", *args.providers.split(",")]
     providers = ffn_providers(names)
     out = args.out or REPO_ROOT / "benchmarks" / "results" / ("quick" if args.quick else "gpu")
     env = environment(device)
     results: list[dict] = []
     for i, c in enumerate(cases):
-        recs = run_case(c, providers, device, timer, args.inject_error)
+        try:
+            with row_budget(args.row_budget):
+                recs = run_case(c, providers, device, timer, args.inject_error)
+        except RowTimeout as e:  # this row only: the next one gets its own budget
+            recs = [{"label": c.label, "provider": pr.name, "semantics": pr.semantics, "status": "budget",
+                     "reason": str(e)} for pr in providers]
+            _free(device)
         results += recs
         write_json(out / "ffn.json", {"meta": env, "sweep": sweep, "results": results})
         cells = " ".join(f"{r['provider']}={fmt(r.get('ratio_to_base'), '.3f')}" for r in recs if r["status"] == "ok")

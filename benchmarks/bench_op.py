@@ -43,7 +43,7 @@ from moecl_kernels.routing import build_routing
 from .cases import (MODES, ROUTINGS, SPEC_TARGETS, Case, batch_tasks, full_cases, gpu_cases, quick_cases,  # noqa: F401
                     saved_bound_bytes, spec_cases)
 from .common import (DTYPES, REPO_ROOT, TOLERANCE, Timer, device_ceilings, environment, l2_bytes, peak_memory_mb,
-                     rel_err, saved_activation_bytes, write_json)
+                     RowTimeout, poisoned, rel_err, row_budget, saved_activation_bytes, write_json)
 from .providers import InputSet, Problem, Provider, all_providers
 from .report import auto_choice_candidate, cell, evaluate_spec, plot, report_md
 
@@ -202,7 +202,8 @@ def _prepare(prov: Provider, p: Problem, oracle: Oracle, c: Case, inject: bool) 
     bounds = prov.bind_all(p)
     if inject:
         bounds = [_inject(b) for b in bounds]
-    errs = check_provider(prov, bounds[0], p, oracle)
+    with poisoned():  # outputs start as NaN: no provider passes on another's leftovers
+        errs = check_provider(prov, bounds[0], p, oracle)
     tol = TOLERANCE[DTYPES[c.dtype]]
     worst = max(errs.values())
     rec = {"errors": errs, "max_err": worst, "tol": tol}
@@ -349,6 +350,8 @@ def run_case(c: Case, providers: list[Provider], device: torch.device, timer: Ti
             r["ratio_to_base"] = r["median_ms"] / base["median_ms"]
             if "graph_median_ms" in r and "graph_median_ms" in base:
                 r["graph_ratio_to_base"] = r["graph_median_ms"] / base["graph_median_ms"]
+    if "ratio_to_base" in recs.get("base-repeat", {}):  # the base timed twice: the noise floor of this case
+        base["noise_floor"] = abs(recs["base-repeat"]["ratio_to_base"] - 1.0)
     del p, oracle, steps
     _free(device)
     return list(recs.values())
@@ -369,6 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--providers", help="comma-separated subset of providers (base is always included)")
     ap.add_argument("--time-budget", type=float, help="seconds; cases left when it runs out are reported as not run "
                                                       "(default: 420 for the curated GPU sweep, none otherwise)")
+    ap.add_argument("--row-budget", type=float, help="seconds per case; a case past it is recorded as "
+                                                     "'budget' and the next one runs (default: none)")
     ap.add_argument("--e2e-json", type=Path, help="bench_e2e.py's JSON, for the end-to-end docs/spec.md §4 row")
     ap.add_argument("--no-plot", action="store_true", help="skip bench.png")
     ap.add_argument("--rerender", action="store_true",
@@ -419,7 +424,7 @@ def main(argv=None) -> int:
         timer = Timer(device, target_ms=100, min_reps=10, max_reps=200, warmup=3)
     providers = all_providers()
     if args.providers:
-        want = {"base", *args.providers.split(",")}
+        want = {"base", "base-repeat", *args.providers.split(",")}
         unknown = want - {p.name for p in providers}
         if unknown:
             print(f"error: unknown providers {sorted(unknown)}; known: {[p.name for p in providers]}", file=sys.stderr)
@@ -451,7 +456,13 @@ def main(argv=None) -> int:
         if budget is not None and time.monotonic() - t0 > budget:
             results += [{"label": c.label, "case": asdict(c), "provider": n, "status": "budget"} for n in names]
             continue
-        recs = run_case(c, providers, device, timer, args.inject_error)
+        try:
+            with row_budget(args.row_budget):
+                recs = run_case(c, providers, device, timer, args.inject_error)
+        except RowTimeout as e:  # this row only: the next one gets its own budget
+            recs = [{"label": c.label, "case": asdict(c), "provider": n, "status": "budget", "reason": str(e)}
+                    for n in names]
+            _free(device)
         results += recs
         save_json()
         cells = " ".join(f"{r['provider']}={cell(r)}" for r in recs if r["status"] != "skipped")

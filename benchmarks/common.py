@@ -16,14 +16,17 @@ any device with autograd's saved-tensor hooks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -58,6 +61,66 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> Optional[str]:
+    """``$MOECL_GIT_DIRTY`` if set (the hash of uncommitted changes, or ``clean``), else computed here."""
+    env = os.environ.get("MOECL_GIT_DIRTY", "").strip()
+    if env:
+        return env
+    try:
+        out = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "run_gpu.sh"), "--stamp"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return dict(ln.split("=", 1) for ln in out.split() if "=" in ln).get("MOECL_GIT_DIRTY")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextlib.contextmanager
+def poisoned(quiet: bool = True):
+    """Every uninitialised allocation (``torch.empty`` and the caching allocator's reused blocks) is
+    filled with NaN (integers: their maximum) while the block runs, so a provider that leaves part of
+    its output unwritten cannot pass its check on what the previous provider left in that memory."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:  # "... does not have a deterministic implementation"
+                warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+class RowTimeout(BaseException):
+    """A benchmark row ran past its own time budget (a BaseException: a provider's ``except Exception``
+    does not swallow it)."""
+
+
+@contextlib.contextmanager
+def row_budget(seconds: Optional[float]):
+    """Raise ``RowTimeout`` in the main thread once ``seconds`` have passed (no limit when None or 0).
+    A GPU synchronisation in progress finishes first; the rows written before stay written."""
+    if not seconds or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            signal.setitimer(signal.ITIMER_REAL, 0.2)  # never inside a CUDA-graph capture: a moment later
+            return
+        raise RowTimeout(f"over its budget of {seconds:g} s")
+
+    prev = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, prev)
+
+
 def _version(module: str) -> Optional[str]:
     try:
         return __import__(module).__version__
@@ -70,6 +133,7 @@ def environment(device: torch.device) -> dict:
     env = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

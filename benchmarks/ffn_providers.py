@@ -67,7 +67,12 @@ def _lora_targets(s: FfnInputSet) -> dict[str, Tensor]:
 
 
 class BaseMLP(Provider):
-    name, semantics = "base-mlp", "base"
+    """The base MLP; timed twice per case (``base-mlp``, ``base-mlp-repeat``): the noise floor."""
+
+    semantics = "base"
+
+    def __init__(self, name: str = "base-mlp"):
+        self.name = name
 
     def bind(self, p, i):
         s, w = p.sets[i], p.sets[i].weights
@@ -124,5 +129,5 @@ class FfnOp(OpBackend):
 
 
 def ffn_providers(names: Optional[list[str]] = None) -> list[Provider]:
-    provs = [BaseMLP(), TwoFFN(), FfnOp("eager"), FfnOp("triton")]
+    provs = [BaseMLP(), BaseMLP("base-mlp-repeat"), TwoFFN(), FfnOp("eager"), FfnOp("triton")]
     return provs if names is None else [pr for pr in provs if pr.name in names]

@@ -30,6 +30,11 @@ from moecl_kernels import backends as mk_backends
 from moecl_kernels.ops import moe_lora_linear, moe_lora_reference
 from moecl_kernels.routing import Routing
 
+try:
+    from moecl_kernels.backends.triton.configs import DECODE_T  # token counts that take the decode path
+except ImportError:  # no Triton: its providers skip anyway
+    DECODE_T = 0
+
 # The reference provider materialises [T, r, d_in] and [T, d_out, r] gathers; above this many
 # bytes (x3 with backward) it is skipped rather than run out of memory.
 REFERENCE_MAX_BYTES = {"cuda": 8 * 2**30, "cpu": 2**30}
@@ -110,7 +115,13 @@ def _moe_targets(s: InputSet, with_x: bool = True) -> dict[str, Tensor]:
 
 
 class BaseLinear(Provider):
-    name, semantics = "base", "base"
+    """``F.linear``; timed twice per case (``base`` and ``base-repeat``, round-robin with the rest):
+    their ratio is the run's noise floor, beside every ratio to the base."""
+
+    semantics = "base"
+
+    def __init__(self, name: str = "base"):
+        self.name = name
 
     def bind(self, p, i):
         s = p.sets[i]
@@ -118,6 +129,9 @@ class BaseLinear(Provider):
 
 
 TRITON_PROVIDERS = {f"triton-{v}": v for v in ("addmm", "fused", "gemm", "gemm-ptr", "gemm-tma")}
+# extra tiles as providers of their own (moecl_kernels.backends.triton.variants.TILE_PROVIDERS)
+TILE_PROVIDER_NAMES = ("triton-gemm-tma-2cta", "triton-gemm-decode-1wave")
+TRITON_PROVIDERS.update({n: n[len("triton-"):] for n in TILE_PROVIDER_NAMES})
 
 
 def register_triton_variant_backends() -> None:
@@ -130,8 +144,12 @@ def register_triton_variant_backends() -> None:
 
         def factory(name=name, variant=variant):
             from moecl_kernels.backends.triton import TritonBackend
+            from moecl_kernels.backends.triton.variants import TILE_PROVIDERS
 
-            b = TritonBackend(variant=variant)
+            tiles = None
+            if variant in TILE_PROVIDERS:
+                variant, tiles = TILE_PROVIDERS[variant][0], dict(TILE_PROVIDERS[variant][1])
+            b = TritonBackend(variant=variant, tiles=tiles)
             b.name, b.priority = name, -1
             return b
 
@@ -152,7 +170,9 @@ class OpBackend(Provider):
     def skip_reason(self, p):
         if self.name != "eager" and p.device.type != "cuda":
             return "GPU backend: timed on a GPU only"
-        if self.name == "triton-gemm-tma" and torch.cuda.get_device_capability(p.device)[0] < 9:
+        if self.name == "triton-gemm-decode-1wave" and p.dims[0] > DECODE_T:
+            return f"a decode tile: above T = {DECODE_T} it runs triton-gemm's kernels"
+        if self.name.startswith("triton-gemm-tma") and torch.cuda.get_device_capability(p.device)[0] < 9:
             return "TMA needs sm_90+"
         try:
             mk_backends.resolve_backend(self.name, p.sets[0].x)
@@ -331,5 +351,5 @@ class GroupedMM(Provider):
 
 
 def all_providers() -> list[Provider]:
-    return [BaseLinear(), OpBackend("eager"), *map(OpBackend, TRITON_PROVIDERS),
+    return [BaseLinear(), BaseLinear("base-repeat"), OpBackend("eager"), *map(OpBackend, TRITON_PROVIDERS),
             OpBackend("cuda"), Reference(), PeftSingle(), PeftMixed(), GroupedMM()]

@@ -25,10 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def poison_uninitialized_memory():
     """Every torch.empty (kernel outputs, partials, workspaces) starts as NaN (INT_MAX for
     integers), so an output element a kernel forgets to write fails the comparison."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+    from benchmarks.common import poisoned  # the benchmarks' checks poison the same way
+
+    with poisoned(quiet=False):
+        yield

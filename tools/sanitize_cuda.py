@@ -15,7 +15,7 @@ shared expert, the per-expert gradients and the gate. Exits 1 if a result is non
 or far from the eager backend's (a sanity check; tests/test_cuda_backend.py checks accuracy).
 Then a corrupt routing (token indices outside [0, T), offsets past T and decreasing): the
 kernels must stay in bounds -- memcheck judges; the numbers are not checked. ``--small``:
-bf16 only (the short sanitizer pass of benchmarks/run_gpu.sh).
+bf16 only (a short pass by hand; benchmarks/run_gpu.sh's one call sanitizes a Triton gemm case only).
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def cases(arch: int, full: bool) -> list[Case]:
     gemms = ["gemm-ptr"] + (["gemm-tma"] if arch >= 90 else [])
     out = [Case("spec", v) for v in ("addmm", "fused", *gemms)]
     out += [Case("spec-1task", v, routing="single") for v in gemms]
-    out += [Case("spec-decode", v, T=16, bwd=False) for v in ("addmm", "gemm-ptr")]
+    out += [Case("spec-decode", v, T=16, bwd=False) for v in ("addmm", "gemm-ptr", "gemm-decode-1wave")]
+    out += [Case("spec", "gemm-tma-2cta")] if arch >= 90 else []  # the extra tiles timed as providers
     out += [Case("spec-det", "gemm-ptr", det=True, p=0.0)]
     out += [Case("r128-E64", v, r=128, E=64, T=4096) for v in gemms]
     out += [Case("odd-fp16", v, T=300, d_in=601, d_out=301, r=5, E=3, dtype=torch.float16, routing="partial")
@@ -209,6 +210,9 @@ def _fwd_args(c: Case) -> FwdArgs:
 
 
 def _backend(c, arch: int) -> TritonBackend:
+    if c.variant in variants.TILE_PROVIDERS:
+        variant, tiles = variants.TILE_PROVIDERS[c.variant]
+        return TritonBackend(variant=variant, tiles=dict(tiles))
     if c.variant in variants.VARIANTS and c.variant not in ("addmm", "fused"):
         return TritonBackend(variant=c.variant)
     table = configs.table_for(f"sm_{arch}")

@@ -46,6 +46,7 @@ class Tile:
     shrink: block_t, block_k, split_k (0 = split K until the SMs are busy: the decode path)
     expand: block_t, block_n, group;  fused: block_t, block_n, block_k, group
     wgrad:  chunk (tokens per program), block_t (tokens per step), block_n
+    g_decode (variants.py): split_k 0 plans the split-K grid for ``waves`` programs per SM on a GPU
     """
 
     block_t: int = 64
@@ -56,6 +57,7 @@ class Tile:
     group: int = 8
     num_warps: int = 4
     num_stages: int = 2
+    waves: int = 2
 
 
 DECODE_T = 64  # token counts up to this take the decode path (split-K shrink, cuBLAS base GEMM)

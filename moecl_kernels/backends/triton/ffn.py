@@ -13,7 +13,8 @@ Backward:
     shrink(gy) -> q_s, q_t (times s)              the linear shrink, gy read once for both experts
     ffn_bwd    -> dg, du, da_s, da_t, dlog        the mirror pass (h_e recomputed from g, u, a, B)
     expand     -> dx = keep (da A_cat) / (1 - p) + dlog W_g, then dx.addmm_(du, W_up), dx.addmm_(dg, W_gate)
-    ffn_wgrad  -> dB_gate, dB_up, dA_down         per d_ff block over every token (g, u, dh re-read)
+    ffn_wgrad  -> dB_gate, dB_up, dA_down         per d_ff block and token chunk (g, u, dh re-read) into
+                                                  fp32 slots, added in chunk order by one reduce launch
     wgrad(x)   -> dA_gate, dA_up, dW_g            the linear A-mode wgrad at rank 2r (x read once)
     wgrad(gy)  -> dB_down                         the linear B-mode wgrad
 
@@ -67,6 +68,23 @@ def ffn_tile(device: torch.device, kernel: str, r_pad: int) -> FfnTile:
     # 255 registers + 8-300 B at 32 x 64, less than at 64 x 64; bwd / wgrad: local memory): a GPU
     # run must tune them (benchmarks/NOTES.md)
     return FfnTile(32, 64 if r_pad <= 32 else 32, 8 if kernel == "bwd" else 4, 2)
+
+
+WGRAD_CHUNK_ENV = "MOECL_TRITON_FFN_WGRAD_CHUNK"  # force the wgrad's tokens per chunk (tests, experiments)
+
+
+def wgrad_chunk(T: int, n_fblocks: int, block_t: int, device: torch.device) -> int:
+    """Tokens per program of the FFN weight-gradient kernel (a multiple of ``block_t``): on a GPU, enough
+    chunks that the d_ff blocks x chunks grid is about 4 programs per SM (the kernel holds one CTA per
+    SM by registers; a token walk split over programs, not done serially by one); on the
+    interpreter, two token blocks per chunk, so tests cross chunk and expert boundaries."""
+    forced = int(os.environ.get(WGRAD_CHUNK_ENV, "0") or 0)
+    if forced:
+        return triton.cdiv(forced, block_t) * block_t
+    if device.type != "cuda":
+        return 2 * block_t
+    n = max(1, min(triton.cdiv(4 * configs.sm_count(device), n_fblocks), triton.cdiv(T, block_t)))
+    return triton.cdiv(triton.cdiv(T, n), block_t) * block_t
 
 
 def _route(a: FfnFwdArgs) -> _Route:
@@ -316,13 +334,24 @@ class TritonFFN:
         o_gt = outs["gate_proj_task_B"] if outs["gate_proj_task_B"] is not None else o_bt
         slot = self._train_index(train if do_task else [], c.E, x.device)  # cached on the device: -1 = frozen
         tile = ffn_tile(x.device, "wgrad", c.r_pad)
-        FK._ffn_wgrad_kernel[(triton.cdiv(c.F, tile.block_f),)](
+        n_fb = triton.cdiv(c.F, tile.block_f)
+        chunk = wgrad_chunk(c.T, n_fb, tile.block_t, x.device)
+        n_chunks = triton.cdiv(c.T, chunk)
+        # fp32 partial sums, one slot per chunk (shared) and per (chunk, expert) pair a chunk can hold (task)
+        part_s = x.new_empty((n_chunks if a.needs_shared else 1, 3, c.F, c.r_pad), dtype=torch.float32)
+        part_t = x.new_empty((n_chunks + c.E if do_task else 1, 3, c.F, c.r_pad), dtype=torch.float32)
+        assert (n_chunks + c.E) * 3 * c.F < 2**31, "FFN wgrad slots: the kernels index rows in int32"
+        common = c.common(tile)
+        FK._ffn_wgrad_kernel[(n_fb, n_chunks)](
             a.g if c.gated_mlp else a.u, a.u, dh, a.a_s.contiguous(), a.a_t.contiguous(), a.coef.contiguous(),
-            qs_s, qs_t, poolw, ghp, gzp, S, *c.weights(),
-            o_gs, o_bs, o_ad, o_gt, o_bt, o_at, *o_bt.stride(), *o_at.stride(), slot,
+            qs_s, qs_t, poolw, ghp, gzp, S, *c.weights(), part_s, part_t, chunk, slot,
             c.seed, c.route.offsets, c.route.sorted_idx, c.route.single, c.T, c.E, c.F, c.r, a.scale, c.thr,
-            c.inv_keep, POOL_H=pool_h, POOL_Z=pool_z, DO_SHARED=a.needs_shared, DO_TASK=do_task,
-            **{k: v for k, v in c.common(tile).items()})
+            c.inv_keep, POOL_H=pool_h, POOL_Z=pool_z, DO_SHARED=a.needs_shared, DO_TASK=do_task, **common)
+        FK._ffn_wgrad_reduce_kernel[(n_fb, 1 + (c.E if do_task else 0))](
+            part_s, part_t, o_gs, o_bs, o_ad, o_gt, o_bt, o_at, *o_bt.stride(), *o_at.stride(), slot,
+            c.route.offsets, c.route.single, n_chunks, chunk, c.T, c.E, c.F, c.r, c.inv_keep,
+            ROUTE=c.route.mode, GATED_MLP=c.gated_mlp, DROPOUT=c.dropout, DO_SHARED=a.needs_shared,
+            DO_TASK=do_task, BLOCK_F=tile.block_f, R_PAD=c.r_pad, num_warps=4)
         for n, t in outs.items():
             if t is not None:
                 grads[n] = t

@@ -292,6 +292,26 @@ def _ffn_bwd_finalize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# weight gradients of the gate/up B and the down A: per d_ff block and token chunk, fp32 partial
+# sums in fixed slots, then one reduce launch that adds them in chunk order (no atomics)
+
+
+@triton.jit
+def _part_ptrs(P, slot, which, f64, F, R_PAD: tl.constexpr):
+    """Pointers of rows f of partial ``which`` (0 gate dB, 1 up dB, 2 down dA^T) in slot ``slot`` of a
+    [slots, 3, F, R_PAD] fp32 buffer."""
+    row = f64 + (slot * 3 + which) * F  # int64 from here (f64); slots x 3 x F < 2^31 (the host checks)
+    return P + row[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
+
+
+@triton.jit
+def _store_parts(P, slot, acc_g, acc_u, acc_d, f64, fm, F, R_PAD: tl.constexpr):
+    tl.store(_part_ptrs(P, slot, 0, f64, F, R_PAD), acc_g, mask=fm[:, None])
+    tl.store(_part_ptrs(P, slot, 1, f64, F, R_PAD), acc_u, mask=fm[:, None])
+    tl.store(_part_ptrs(P, slot, 2, f64, F, R_PAD), acc_d, mask=fm[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
 # weight gradients of the gate/up B and the down A, per d_ff block, over every token
 
 
@@ -300,17 +320,22 @@ def _ffn_wgrad_kernel(
     G, U, DH, A_S, A_T, COEF, QS, QT, POOLW, GHP, GZP, S,
     BGS, BGT, BUS, BUT, s_be, s_bf, s_br,
     ADS, ADT, s_ae, s_ar, s_af,
-    O_BGS, O_BUS, O_ADS, O_BGT, O_BUT, O_ADT, so_be, so_bf, so_br, so_ae, so_ar, so_af, TRAIN,
+    PART_S, PART_T, CHUNK, TRAIN,
     SEED, offsets_ptr, sorted_ptr, single, T, E, F, r, scale, thr, inv_keep,
     ACT: tl.constexpr, ROUTE: tl.constexpr, TASK: tl.constexpr, MOE_GATE: tl.constexpr, GATED_MLP: tl.constexpr,
     DROPOUT: tl.constexpr, POOL_H: tl.constexpr, POOL_Z: tl.constexpr, DO_SHARED: tl.constexpr,
     DO_TASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """For the d_ff block of this program: dB_gate, dB_up (rows) and dA_down (columns) of the
-    shared expert (DO_SHARED) and of every task expert (DO_TASK: TRAIN[e] >= 0 computes, frozen
-    ones, -1, get zeros), walking the tokens once in grouped order (expert 0..E-1, then no task)."""
+    """For the d_ff block (axis 0) and the token chunk c (axis 1: grouped positions [c CHUNK,
+    (c + 1) CHUNK), expert 0..E-1, then no task) of this program: fp32 partial sums of dB_gate,
+    dB_up (rows) and dA_down^T of the shared expert (DO_SHARED) into slot c of PART_S (always
+    written), and of every trainable task expert e with tokens in the chunk (DO_TASK, TRAIN[e] >= 0)
+    into slot c + e of PART_T -- unique: a later chunk can only hold the same or a later expert.
+    ``_ffn_wgrad_reduce_kernel`` adds the slots in chunk order and writes the gradients."""
     f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    c_lo = tl.program_id(1) * CHUNK
+    c_hi = tl.minimum(c_lo + CHUNK, T)
     fm = f < F
     f64 = f.to(tl.int64)
     j = tl.arange(0, R_PAD)
@@ -336,6 +361,8 @@ def _ffn_wgrad_kernel(
             lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + grp), 0), T)
             hi = tl.where(grp < E, tl.load(offsets_ptr + tl.minimum(grp + 1, E)), T)
             hi = tl.minimum(tl.maximum(hi, lo), T)
+        lo = tl.maximum(lo, c_lo)  # this chunk's part of the group (empty when hi <= lo)
+        hi = tl.minimum(hi, c_hi)
         ex = tl.maximum(expert, 0).to(tl.int64)
         train = expert < -1  # False
         if DO_TASK:
@@ -353,7 +380,7 @@ def _ffn_wgrad_kernel(
         acc_gt = tl.zeros([BLOCK_F, R_PAD], tl.float32)
         acc_ut = tl.zeros([BLOCK_F, R_PAD], tl.float32)
         acc_dt = tl.zeros([BLOCK_F, R_PAD], tl.float32)
-        if todo:
+        if todo & (lo < hi):
             for p0 in range(lo, hi, BLOCK_T):
                 pos = p0 + tl.arange(0, BLOCK_T)
                 rows, valid = _rows(sorted_ptr, pos, pos < hi, T, ROUTE)
@@ -398,28 +425,65 @@ def _ffn_wgrad_kernel(
                         acc_gt = tl.dot(tl.trans(dpg_t.to(dt)), a_gt.to(dt), acc_gt, input_precision=PREC)
                     acc_ut = tl.dot(tl.trans(dpu_t.to(dt)), a_ut.to(dt), acc_ut, input_precision=PREC)
                     acc_dt = tl.dot(tl.trans(h_t.to(dt)), dz_t.to(dt), acc_dt, input_precision=PREC)
-        if DO_TASK:  # every expert's block is written: its gradient, or zeros
-            if expert >= 0:
-                if DROPOUT:
-                    acc_dt *= inv_keep
-                if GATED_MLP:
-                    _store_fr(O_BGT, ex, so_be, so_bf, so_br, acc_gt, f64, fm, r, R_PAD)
-                _store_fr(O_BUT, ex, so_be, so_bf, so_br, acc_ut, f64, fm, r, R_PAD)
-                _store_fr(O_ADT, ex, so_ae, so_af, so_ar, acc_dt, f64, fm, r, R_PAD)
-    if DO_TASK:
-        if ROUTE == ROUTE_SINGLE:  # the experts no token has: zeros
-            zero = tl.zeros([BLOCK_F, R_PAD], tl.float32)
-            for e in range(0, E):
-                if e != single:
-                    e64 = tl.full([1], e, tl.int64)
-                    if GATED_MLP:
-                        _store_fr(O_BGT, e64, so_be, so_bf, so_br, zero, f64, fm, r, R_PAD)
-                    _store_fr(O_BUT, e64, so_be, so_bf, so_br, zero, f64, fm, r, R_PAD)
-                    _store_fr(O_ADT, e64, so_ae, so_af, so_ar, zero, f64, fm, r, R_PAD)
+        if DO_TASK:
+            if train & (lo < hi):
+                _store_parts(PART_T, tl.program_id(1) + grp, acc_gt, acc_ut, acc_dt, f64, fm, F, R_PAD)
     if DO_SHARED:
-        if DROPOUT:
-            acc_ds *= inv_keep
-        if GATED_MLP:
-            _store_fr(O_BGS, 0, 0, so_bf, so_br, acc_gs, f64, fm, r, R_PAD)
-        _store_fr(O_BUS, 0, 0, so_bf, so_br, acc_us, f64, fm, r, R_PAD)
-        _store_fr(O_ADS, 0, 0, so_af, so_ar, acc_ds, f64, fm, r, R_PAD)
+        _store_parts(PART_S, tl.program_id(1), acc_gs, acc_us, acc_ds, f64, fm, F, R_PAD)
+
+
+@triton.jit(do_not_specialize=["single"])
+def _ffn_wgrad_reduce_kernel(
+    PART_S, PART_T, O_BGS, O_BUS, O_ADS, O_BGT, O_BUT, O_ADT, so_be, so_bf, so_br, so_ae, so_ar, so_af, TRAIN,
+    offsets_ptr, single, n_chunks, CHUNK, T, E, F, r, inv_keep,
+    ROUTE: tl.constexpr, GATED_MLP: tl.constexpr, DROPOUT: tl.constexpr, DO_SHARED: tl.constexpr,
+    DO_TASK: tl.constexpr, BLOCK_F: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Program (d_ff block, k): k = 0 the shared expert (every chunk's slot), k = 1 + e task expert e
+    (the slots of the chunks that hold its tokens; zeros for a frozen expert or one without tokens),
+    added in chunk order and written in the gradients' dtype (dA_down / (1 - p) under dropout)."""
+    f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fm = f < F
+    f64 = f.to(tl.int64)
+    k = tl.program_id(1)
+    acc_g = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+    acc_u = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+    acc_d = tl.zeros([BLOCK_F, R_PAD], tl.float32)
+    m = fm[:, None]
+    if k == 0:
+        if DO_SHARED:
+            for cc in range(0, n_chunks):
+                acc_g += tl.load(_part_ptrs(PART_S, cc, 0, f64, F, R_PAD), mask=m, other=0.0)
+                acc_u += tl.load(_part_ptrs(PART_S, cc, 1, f64, F, R_PAD), mask=m, other=0.0)
+                acc_d += tl.load(_part_ptrs(PART_S, cc, 2, f64, F, R_PAD), mask=m, other=0.0)
+            if DROPOUT:
+                acc_d *= inv_keep
+            if GATED_MLP:
+                _store_fr(O_BGS, 0, 0, so_bf, so_br, acc_g, f64, fm, r, R_PAD)
+            _store_fr(O_BUS, 0, 0, so_bf, so_br, acc_u, f64, fm, r, R_PAD)
+            _store_fr(O_ADS, 0, 0, so_af, so_ar, acc_d, f64, fm, r, R_PAD)
+    else:
+        if DO_TASK:
+            e = k - 1
+            if ROUTE == ROUTE_SINGLE:  # one group, slot c + 0
+                lo = 0
+                hi = tl.where(e == single, T, 0)
+                grp = 0
+            else:  # the bounds the wgrad kernel clamped
+                lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + e), 0), T)
+                hi = tl.minimum(tl.maximum(tl.load(offsets_ptr + e + 1), lo), T)
+                grp = e
+            hi = tl.where(tl.load(TRAIN + e) >= 0, hi, lo)  # frozen: no slot read, zeros written
+            for cc in range(0, n_chunks):  # a slot is read only where the chunk holds the expert's tokens
+                ok = (tl.maximum(lo, cc * CHUNK) < tl.minimum(hi, cc * CHUNK + CHUNK)).to(tl.int32)
+                mc = m & ((tl.zeros_like(f)[:, None] + ok) != 0)
+                acc_g += tl.load(_part_ptrs(PART_T, cc + grp, 0, f64, F, R_PAD), mask=mc, other=0.0)
+                acc_u += tl.load(_part_ptrs(PART_T, cc + grp, 1, f64, F, R_PAD), mask=mc, other=0.0)
+                acc_d += tl.load(_part_ptrs(PART_T, cc + grp, 2, f64, F, R_PAD), mask=mc, other=0.0)
+            if DROPOUT:
+                acc_d *= inv_keep
+            e64 = e.to(tl.int64)
+            if GATED_MLP:
+                _store_fr(O_BGT, e64, so_be, so_bf, so_br, acc_g, f64, fm, r, R_PAD)
+            _store_fr(O_BUT, e64, so_be, so_bf, so_br, acc_u, f64, fm, r, R_PAD)
+            _store_fr(O_ADT, e64, so_ae, so_af, so_ar, acc_d, f64, fm, r, R_PAD)

@@ -158,7 +158,7 @@ def _gemm_ptr_kernel(
              mask=valid[:, None] & nm[None, :])
 
 
-@triton.jit(do_not_specialize=["single", "thr"])
+@triton.jit(do_not_specialize=["single", "thr", "NUM_PROGS"])
 def _gemm_tma_kernel(
     a_desc, b_desc, o_desc,
     PS, PT, COEF, NS, stride_ns_r, stride_ns_n, NT, stride_nt_e, stride_nt_r, stride_nt_n,
@@ -167,9 +167,10 @@ def _gemm_tma_kernel(
     ROUTE: tl.constexpr, TASK: tl.constexpr, ROW_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
     GATE_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
-    PREC: tl.constexpr, B_TRANS: tl.constexpr, NUM_PROGS: tl.constexpr,
+    PREC: tl.constexpr, B_TRANS: tl.constexpr, NUM_PROGS,
 ):
     """Persistent TMA version of ``_gemm_ptr_kernel``: program p handles tiles p, p + NUM_PROGS, ...
+    ``NUM_PROGS`` (the grid) is a runtime argument, not specialised: one binary serves every grid.
     ``b_desc`` blocks are [BLOCK_N, BLOCK_K] of W (B_TRANS: forward, x W^T) or
     [BLOCK_K, BLOCK_N] of W (dgrad, gy W). Out-of-range rows and columns are zero-filled by
     the TMA loads and clipped by the TMA store."""
