@@ -221,3 +221,17 @@ def test_cli_data_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "d" / "a" / "test.jsonl").unlink()
     with pytest.raises(ConfigError, match="has no test.jsonl"):
         load_config(None, ["data.benchmark=folder", f"data.root={tmp_path / 'd'}"])
+
+
+@pytest.mark.parametrize("files", [("train.json", "test.jsonl"), ("test.jsonl",), ("train.jsonl", "test.json")])
+def test_a_sub_folder_that_is_not_a_task_is_an_error_naming_it(tmp_path, files):
+    """Issue 24 item 1: a misnamed file must not drop the task silently (the run would report fewer tasks)."""
+    _task(tmp_path, "a", ["p", "q"])
+    for f in files:
+        _write(tmp_path / "b" / f, [{"text": "t", "label": "p"}, {"text": "u", "label": "q"}])
+    (tmp_path / ".cache").mkdir()  # hidden folders are not tasks
+    missing = "train.jsonl" if "train.jsonl" not in files else "test.jsonl"
+    with pytest.raises(DataFormatError, match=f"sub-folder 'b' is not a task folder: it has no {missing}"):
+        load_folder(tmp_path)
+    with pytest.raises(ValueError, match="sub-folder 'b'"):
+        load_config(None, ["data.benchmark=folder", f"data.root={tmp_path}"])

@@ -33,7 +33,22 @@ SPLITS = ("train", "dev", "test")
 
 
 def task_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
+    """The task folders of ``root``: every sub-folder (hidden ones, ``.name``, aside). A sub-folder
+    without ``train.jsonl`` and ``test.jsonl`` is an error naming it and what it holds (a misnamed
+    file would otherwise drop the task silently)."""
+    names = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        absent = [f"{s}.jsonl" for s in ("train", "test") if not (p / f"{s}.jsonl").is_file()]
+        if absent:
+            held = sorted(f.name for f in p.iterdir())[:8]
+            raise DataFormatError(f"data.root {str(root)!r}: sub-folder {p.name!r} is not a task folder: it has no "
+                                  f"{' and no '.join(absent)} (it holds {held}); every sub-folder of data.root is a "
+                                  "task (train.jsonl, test.jsonl, optional dev.jsonl and task.json): rename the files "
+                                  "or move the folder out")
+        names.append(p.name)
+    return names
 
 
 def resolve_folder_order(root: Union[str, Path], order: Any = None) -> list[str]:
@@ -56,8 +71,6 @@ def resolve_folder_order(root: Union[str, Path], order: Any = None) -> list[str]
         if n not in available:
             raise ValueError(f"data.order names task {n!r}, but {root} has no folder {n}/ with train.jsonl; "
                              f"task folders: {available}")
-        if not (root / n / "test.jsonl").is_file():
-            raise ValueError(f"task folder {root / n} has no test.jsonl")
     if len(set(names)) != len(names):
         raise ValueError(f"data.order lists a task twice: {names}")
     return names
