@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .backends import get_backend
-from .experts import MoEModule, check_args
+from .experts import MoEModule, check_args, check_flags, check_rank
 from .layer import FusedMoELoRALinear
 from .mlp import LOOKED_FOR, FusedMoELoRAMLP, MLPLayout, find_mlp, mlp_layout, routed_name
 from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, close_hook, open_hook, pop, push,
@@ -222,8 +222,14 @@ def inject(
             raise ValueError("model is itself an MLP: wrap it with mk.FusedMoELoRAMLP(model, ...)")
         names = [name for name, _, _ in mlps]
     num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
-    backend = None if backend in (None, "auto") else backend
-    if backend is not None:
+    gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
+    for name in names if level == "linear" else []:
+        lin = model.get_submodule(name)
+        check_rank(r, lin.in_features, lin.out_features)
+    for _, _, layout in mlps if level == "ffn" else []:
+        for lin in layout.linears.values():
+            check_rank(r, lin.in_features, lin.out_features)
+    if backend not in (None, "auto"):  # an explicit "auto" is kept: it wins over $MOECL_BACKEND
         _check_backend_name(backend)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -323,11 +329,12 @@ def _check_backend_name(backend: str) -> None:
 
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> None:
-    """Backend for every injected layer (None or 'auto' = ``$MOECL_BACKEND`` / auto)."""
+    """Backend for every injected layer: a name, ``"auto"`` (the automatic choice, whatever
+    ``$MOECL_BACKEND`` says: an explicit call wins) or None (``$MOECL_BACKEND``, else auto)."""
     if backend not in (None, "auto"):
         _check_backend_name(backend)
     for layer in _layers(model).values():
-        layer.backend = None if backend in (None, "auto") else backend
+        layer.backend = backend
 
 
 def collect_pooled(model: nn.Module, enabled: bool = True, modules: Optional[Iterable[str]] = None) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .experts import LoRAProjection, MoEModule, check_args
+from .experts import LoRAProjection, MoEModule, check_args, check_flags
 from .ops.linear import moe_lora_linear
 from .ops.pooling import pooled_shared_path
 from .routing import Routing, RoutingError, TaskIds, keep_alive, structure_changed
@@ -48,6 +48,7 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
                    if type(base_linear).__name__ == "Conv1D" else "")
             )
         num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
+        gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
         self.init_projection(base_linear, r, alpha, rslora)
         self.dropout_p = float(dropout)
         self.backend = backend

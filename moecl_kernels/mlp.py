@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .contract.activations import activation as _activation
 from .contract.ffn_args import ACTIVATIONS
-from .experts import LoRAProjection, MoEModule, check_args
+from .experts import LoRAProjection, MoEModule, check_args, check_flags
 from .ops.ffn import moe_lora_mlp
 from .routing import Routing, RoutingError, TaskIds, keep_alive, structure_changed
 
@@ -149,6 +149,7 @@ class FusedMoELoRAMLP(MoEModule):
         super().__init__()
         layout = mlp_layout(mlp, name)
         num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
+        gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
         self.activation = layout.activation
         self.r, self.lora_alpha, self.use_rslora, self.dropout_p = r, alpha, bool(rslora), dropout
         self.backend = backend
