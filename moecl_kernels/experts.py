@@ -164,11 +164,15 @@ class LoRAProjection:
     def task_trainable(self) -> list[bool]:
         return [bool(a.requires_grad or b.requires_grad) for a, b in zip(self.lora_task_A, self.lora_task_B)]
 
-    @torch.no_grad()
     def merge_expert(self, k: int, sign: float = 1.0) -> None:
         """Add task expert ``k``'s LoRA, ``s * B_k A_k``, into the base weight (``sign=-1``: take it out)."""
+        self.merge_lora(self.lora_task_A[k], self.lora_task_B[k], sign)
+
+    @torch.no_grad()
+    def merge_lora(self, A: Tensor, B: Tensor, sign: float = 1.0) -> None:
+        """Add ``sign * s * B A`` into the base weight."""
         acc = torch.promote_types(self.weight.dtype, torch.float32)  # fp32 accumulation, fp64 for fp64 weights
-        delta = (sign * self.scaling * (self.lora_task_B[k].to(acc) @ self.lora_task_A[k].to(acc))).to(self.weight.dtype)
+        delta = (sign * self.scaling * (B.to(acc) @ A.to(acc))).to(self.weight.dtype)
         w = self.weight
         if hasattr(w, "device_mesh") and hasattr(w, "placements"):  # an FSDP2-sharded (DTensor) base weight
             from torch.distributed.tensor import distribute_tensor
@@ -248,7 +252,8 @@ class MoEModule(RoutedModule):
         """The task experts merged into the base weights (:meth:`merge_task`), in merge order."""
         return list(getattr(self.lora_projections()[0], "_merged", []))
 
-    def _task_index(self, k, what: str) -> int:
+    def check_task(self, k, what: str) -> int:
+        """``k`` as an index of this module's task experts; ValueError naming ``what`` otherwise."""
         try:
             i = operator.index(k)
         except TypeError:
@@ -262,7 +267,7 @@ class MoEModule(RoutedModule):
         module its term is then part of the base for every token: O-LoRA's merge). The expert
         then contributes nothing else (its tokens are not given its delta twice); :meth:`unmerge_task`
         undoes it, and ``mk.save`` records it."""
-        k = self._task_index(k, "merge_task")
+        k = self.check_task(k, "merge_task")
         if self.gate:
             raise ValueError("merge_task needs a layer without a gate (gate=False): a gated expert is not a fixed delta")
         if k in self.merged_tasks:
@@ -275,7 +280,7 @@ class MoEModule(RoutedModule):
     def unmerge_task(self, k: int) -> None:
         """Undo :meth:`merge_task`: take expert ``k``'s delta out of the base weights (exact up to
         the base dtype's rounding) and route its tokens through the expert again."""
-        k = self._task_index(k, "unmerge_task")
+        k = self.check_task(k, "unmerge_task")
         if k not in self.merged_tasks:
             raise ValueError(f"unmerge_task: task {k} is not merged (merged: {self.merged_tasks})")
         for proj in self.lora_projections():

@@ -33,6 +33,7 @@ from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, clos
 CONFIG_ATTR = "_moecl_config"  # the inject() arguments, on the module inject() was called on
 LEVELS = ("linear", "ffn")
 LINEAR_TARGETS = ("gate_proj", "up_proj", "down_proj")  # inject(level="linear")'s default target_modules
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear of the blocks
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoEModule]:
@@ -73,6 +74,8 @@ def matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
 def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[str]:
     """Names of the modules ``inject`` would replace; raises on unsupported module types and
     on a listed name that matches no ``nn.Linear``."""
+    if target_modules == ALL_LINEAR:
+        return _all_linear(model)
     target_modules = _check_target_list(target_modules)
     names, hit = [], set()
     for name, mod in model.named_modules():
@@ -101,6 +104,19 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
     if not isinstance(target_modules, str) and len(hit) < len(target_modules):
         missing = [t for t in target_modules if t not in hit]
         raise ValueError(f"target_modules names {missing} that match no nn.Linear of the model; its Linear names are {linear}")
+    return names
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``"all-linear"``: every ``nn.Linear`` inside the model's numbered blocks (a module list),
+    so not the output head, a pooler or a classifier."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+             and any(part.isdigit() for part in n.split("."))]
+    if not names:
+        raise ValueError(f"target_modules='all-linear' found no nn.Linear inside numbered blocks of "
+                         f"{type(model).__name__}; name the modules")
     return names
 
 
@@ -193,6 +209,7 @@ def inject(
     backend: Optional[str] = None,
     deterministic: bool = False,
     level: str = "linear",
+    modules_to_save: Union[str, Sequence[str], None] = None,
 ) -> nn.Module:
     """Inject MoE-CL experts into ``model`` (in place) and return it.
 
@@ -207,7 +224,11 @@ def inject(
     against full names. All non-MoE parameters are frozen; shared experts, task experts and
     gates are trainable (narrow that with :func:`set_trainable`). Afterwards
     ``model(..., task_ids=t)`` -- or any submodule's call with ``task_ids=`` -- routes each
-    sequence to its task expert.
+    sequence to its task expert. ``target_modules="all-linear"`` (linear level): every
+    ``nn.Linear`` inside the model's numbered blocks (not the output head).
+
+    ``modules_to_save`` (PEFT's meaning): modules outside the adapters, e.g. a classifier head,
+    that stay trainable and that ``mk.save``/``mk.load`` store and restore with the adapters.
     """
     if level not in LEVELS:
         raise ValueError(f"level={level!r} must be one of {list(LEVELS)}")
@@ -217,7 +238,7 @@ def inject(
     if level == "linear":
         names = find_targets(model, LINEAR_TARGETS if target_modules is None else target_modules)
     else:
-        mlps = find_mlp_targets(model, target_modules)
+        mlps = find_mlp_targets(model, None if target_modules == ALL_LINEAR else target_modules)
         if any(not root and not layout.bert for _, root, layout in mlps):
             raise ValueError("model is itself an MLP: wrap it with mk.FusedMoELoRAMLP(model, ...)")
         names = [name for name, _, _ in mlps]
@@ -231,6 +252,9 @@ def inject(
             check_rank(r, lin.in_features, lin.out_features)
     if backend not in (None, "auto"):  # an explicit "auto" is kept: it wins over $MOECL_BACKEND
         _check_backend_name(backend)
+    from .peft_compat import find_modules_to_save
+
+    saved = find_modules_to_save(model, modules_to_save)
     for p in model.parameters():
         p.requires_grad_(False)
     settings = (num_tasks, r, alpha, dropout, gate, rslora, backend, deterministic)
@@ -249,9 +273,11 @@ def inject(
     install_hooks(model)
     if target_modules is None:
         target_modules = list(LINEAR_TARGETS) if level == "linear" else None
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
     cfg = dict(target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
                num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora),
-               level=level)
+               level=level, modules_to_save=saved)
     setattr(model, CONFIG_ATTR, cfg)
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
@@ -310,7 +336,8 @@ def set_trainable(
     model: nn.Module, task: Union[int, Iterable[int], None] = None, shared: bool = True, gate: bool = True
 ) -> list[str]:
     """Freeze everything, then make the shared experts (``shared``), task expert(s) ``task``
-    and the gates (``gate``) trainable. Returns the names of the trainable parameters."""
+    and the gates (``gate``) trainable, and the ``modules_to_save`` of ``inject``. Returns the
+    names of the trainable parameters."""
     layers = _layers(model)
     E = num_tasks(model)
     tasks = _task_list(task)
@@ -321,6 +348,10 @@ def set_trainable(
         p.requires_grad_(False)
     for layer in layers.values():
         layer.set_trainable(tasks, shared=shared, gate=gate)
+    from .peft_compat import saved_module_parameters
+
+    for p in saved_module_parameters(model).values():  # modules_to_save stay trainable (PEFT's rule)
+        p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -378,4 +409,7 @@ def config(model: nn.Module) -> dict:
         cfg[key] = settings[0][key]
     roots = [m.__dict__[CONFIG_ATTR] for m in model.modules() if CONFIG_ATTR in m.__dict__]
     cfg["target_modules"] = roots[0]["target_modules"] if len(roots) == 1 else None
+    from .peft_compat import modules_to_save
+
+    cfg["modules_to_save"] = modules_to_save(model)
     return cfg

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .adapters_off import disabled
 from .experts import LoRAProjection, MoEModule, check_args, check_flags
 from .ops.linear import moe_lora_linear
 from .ops.pooling import pooled_shared_path
@@ -85,6 +86,8 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
         without it, the routing in force (``model(..., task_ids=)`` or ``mk.use_tasks``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features in its last dim but the layer expects in_features={self.in_features}")
+        if disabled(self):  # mk.disable_adapters: the wrapped nn.Linear exactly, no routing needed
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         R, ctx = self.routing_for(lead, x.device, task_ids, routing)

@@ -98,3 +98,159 @@ def test_an_explicit_auto_backend_wins_over_the_environment(monkeypatch):
         model(IDS, task_ids=0)
     fresh = mk.inject(tiny_llama(dtype=torch.float32), num_tasks=2, backend="auto")
     fresh(IDS, task_ids=0)
+
+
+# --------------------------------------------------------------------------- items 3, 4 and load's default
+def tiny_bert_classifier(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+def test_modules_to_save_are_trained_saved_and_loaded(tmp_path, level):
+    model = tiny_bert_classifier()
+    targets = ["intermediate.dense", "output.dense"] if level == "linear" else None
+    mk.inject(model, target_modules=targets, num_tasks=2, level=level, modules_to_save=["classifier"])
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert "classifier.weight" in mk.set_trainable(model, task=0)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # "trained"
+    ref = model(IDS, task_ids=0).logits
+    mk.save(model, tmp_path / "a")
+    assert mk.config(model)["modules_to_save"] == ["classifier"]
+    fresh = tiny_bert_classifier()  # the same base, its head at random init
+    mk.load(fresh, tmp_path / "a")
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert torch.equal(fresh(IDS, task_ids=0).logits, ref)
+    model.save_pretrained(tmp_path / "hf")
+    again = mk.load(tiny_bert_classifier(), tmp_path / "hf")
+    assert torch.equal(again(IDS, task_ids=0).logits, ref)
+    with pytest.raises(ValueError, match=r"modules_to_save names \['head'\] that match no module"):
+        mk.inject(tiny_bert_classifier(), num_tasks=2, level="ffn", modules_to_save=["head"])
+
+
+def test_load_defaults_to_inference_and_trainable_true_trains(tmp_path):
+    model = tiny_llama()
+    mk.inject(model, num_tasks=2)
+    mk.save(model, tmp_path / "a")
+    inf = tiny_llama().train()
+    mk.load(inf, tmp_path / "a")
+    assert not inf.training and not any(p.requires_grad for p in inf.parameters())
+    tr = tiny_llama().train()
+    mk.load(tr, tmp_path / "a", trainable=True)
+    assert tr.training and all(p.requires_grad for n, p in tr.named_parameters() if "lora_" in n or "moe_gate" in n)
+    with pytest.raises(ValueError, match="trainable must be True or False"):
+        mk.load(tiny_llama(), tmp_path / "a", trainable="yes")
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+def test_a_merged_task_survives_save_and_load(tmp_path, level):
+    model = tiny_llama()
+    mk.inject(model, num_tasks=3, gate=False, dropout=0.0, level=level)
+    randomize(model)
+    for layer in mk.moe_layers(model).values():
+        layer.merge_task(1)
+    with torch.no_grad():
+        ref = {t: model(IDS, task_ids=t).logits for t in (-1, 1, 2)}
+    mk.save(model, tmp_path / "a")
+    fresh = mk.load(tiny_llama(), tmp_path / "a")
+    assert all(m.merged_tasks == [1] for m in mk.moe_layers(fresh).values())
+    with torch.no_grad():
+        for t, r in ref.items():
+            assert torch.allclose(fresh(IDS, task_ids=t).logits, r, rtol=0, atol=1e-12)
+    with pytest.raises(mk.io.LoadError, match="merged into its base weights"):
+        mk.load(fresh, tmp_path / "a")  # its base is no longer the plain one
+
+
+def test_save_onto_a_file_is_one_line_naming_it(tmp_path):
+    model = mk.inject(tiny_llama(), num_tasks=2)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"path '.*f' is a file: mk.save writes a folder"):
+        mk.save(model, tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+# --------------------------------------------------------------------------- PEFT parity
+def test_print_trainable_parameters(capsys):
+    model = mk.inject(tiny_llama(), num_tasks=2)
+    mk.set_trainable(model, task=1)
+    n, total = mk.print_trainable_parameters(model)
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) and 0 < n < total
+    assert capsys.readouterr().out.strip() == (f"trainable params: {n:,d} || all params: {total:,d} || "
+                                               f"trainable%: {100 * n / total:.4f}")
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+def test_disable_adapters_is_the_base_model_exactly(level):
+    model = tiny_llama()
+    with torch.no_grad():
+        base = model(IDS).logits
+    mk.inject(model, num_tasks=2, gate=True, level=level)
+    randomize(model)
+    with torch.no_grad():
+        assert not torch.equal(model(IDS, task_ids=-1).logits, base)  # the shared expert alone changes it
+        with mk.disable_adapters(model):
+            assert torch.equal(model(IDS).logits, base)  # no routing needed, no shared expert either
+        assert not torch.equal(model(IDS, task_ids=0).logits, base)
+
+
+def test_disable_adapters_on_a_bert_style_layer_is_exact():
+    model = tiny_bert_classifier()
+    with torch.no_grad():
+        base = model(IDS).logits
+    mk.inject(model, num_tasks=2, level="ffn")
+    randomize(model)
+    with torch.no_grad(), mk.disable_adapters(model):
+        assert torch.equal(model(IDS).logits, base)
+
+
+@pytest.mark.parametrize("factory, level", [(tiny_llama, "linear"), (tiny_llama, "ffn"),
+                                            (tiny_bert_classifier, "ffn")])
+def test_unload_gives_the_plain_model_back(factory, level):
+    model = factory()
+    with torch.no_grad():
+        base = model(IDS).logits
+    plain_names = sorted(n for n, _ in model.named_modules())
+    targets = "all-linear" if level == "linear" else None
+    mk.inject(model, target_modules=targets, num_tasks=2, level=level)
+    randomize(model)
+    assert mk.unload(model) is model
+    assert not mk.is_injected(model) and sorted(n for n, _ in model.named_modules()) == plain_names
+    assert not hasattr(model.config, "moecl") and "_moecl_config" not in model.__dict__
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base)
+    mk.inject(model, num_tasks=2, level=level)  # and it can be injected again
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+@pytest.mark.parametrize("task", [None, 2])
+def test_merge_and_unload_computes_what_the_routed_model_did(level, task):
+    model = tiny_llama()
+    mk.inject(model, num_tasks=3, gate=False, dropout=0.0, level=level)
+    randomize(model)
+    with torch.no_grad():
+        ref = model(IDS, task_ids=-1 if task is None else task).logits
+    mk.merge_and_unload(model, task=task)
+    assert not mk.is_injected(model)
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, ref, rtol=0, atol=1e-10)
+
+
+def test_merge_and_unload_refuses_a_gated_model_saying_why():
+    model = mk.inject(tiny_llama(), num_tasks=2, gate=True)
+    with pytest.raises(ValueError, match="merge_and_unload needs gate=False: .* per-token weights"):
+        mk.merge_and_unload(model, task=0)
+    assert mk.is_injected(model)
+
+
+def test_all_linear_targets_every_linear_of_the_blocks_not_the_head():
+    model = mk.inject(tiny_llama(), target_modules="all-linear", num_tasks=2)
+    names = set(mk.moe_layers(model))
+    assert "lm_head" not in names and len(names) == 2 * 7  # q, k, v, o, gate, up, down per block
+    bert = mk.inject(tiny_bert_classifier(), target_modules="all-linear", num_tasks=2)
+    assert not any(n.startswith(("classifier", "bert.pooler")) for n in mk.moe_layers(bert))
