@@ -254,3 +254,24 @@ def test_all_linear_targets_every_linear_of_the_blocks_not_the_head():
     assert "lm_head" not in names and len(names) == 2 * 7  # q, k, v, o, gate, up, down per block
     bert = mk.inject(tiny_bert_classifier(), target_modules="all-linear", num_tasks=2)
     assert not any(n.startswith(("classifier", "bert.pooler")) for n in mk.moe_layers(bert))
+
+
+# --------------------------------------------------------------------------- item 8
+def test_use_tasks_mask_of_the_wrong_shape_is_an_error_not_ignored():
+    model = mk.inject(tiny_llama(), num_tasks=2)
+    mk.collect_pooled(model, True)
+    for bad in (torch.ones(3, 9), torch.ones(7, 3)):
+        with pytest.raises(mk.RoutingError, match=r"attention_mask has shape \[\d, \d\] but the first forward .* "
+                                                  r"has tokens \[3, 7\]"):
+            with mk.use_tasks(model, 0, attention_mask=bad):
+                model(IDS)
+    mask = torch.ones(3, 7)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        with mk.use_tasks(model, torch.tensor([0, 1, 0]), attention_mask=mask):
+            model(IDS, attention_mask=mask)
+        pooled = mk.pooled_outputs(model)
+        model(IDS, attention_mask=mask, task_ids=torch.tensor([0, 1, 0]))
+        assert all(torch.equal(pooled[k], v) for k, v in mk.pooled_outputs(model).items())
+        with mk.use_tasks(model, torch.tensor([0, 1, 0]), attention_mask=mask):
+            model.generate(IDS, attention_mask=mask, max_new_tokens=3, do_sample=False, num_beams=2)
