@@ -279,6 +279,8 @@ def inject(
                num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora),
                level=level, modules_to_save=saved)
     setattr(model, CONFIG_ATTR, cfg)
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = GenerateWithTasks(model)  # generate(..., task_ids=t) routes like use_tasks
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
         hf_config.moecl = dict(cfg, modules=sorted(names))  # recorded by save_pretrained (mk.load reads it)
@@ -317,6 +319,23 @@ def use_tasks(model: nn.Module, task_ids: TaskIds, attention_mask: Optional[Tens
         pop(ctx)
         if ctx.pooled or PooledResults.ATTR in model.__dict__:
             PooledResults.of(model).set(ctx.pooled)
+
+
+class GenerateWithTasks:
+    """``model.generate(..., task_ids=t)`` on an injected Hugging Face model: the class's own
+    ``generate`` inside ``with mk.use_tasks(model, t, attention_mask=...)`` (without ``task_ids``
+    it is the class's ``generate`` unchanged). Installed by ``inject`` on the model it injects
+    (an instance attribute: it copies and pickles with the model), removed by ``mk.unload``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, task_ids: Optional[TaskIds] = None, **kwargs):
+        generate = type(self.model).generate.__get__(self.model)
+        if task_ids is None:
+            return generate(*args, **kwargs)
+        with use_tasks(self.model, task_ids, attention_mask=kwargs.get("attention_mask")):
+            return generate(*args, **kwargs)
 
 
 def _task_list(task) -> list[int]:

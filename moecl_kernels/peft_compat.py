@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch.nn as nn
 
 from .adapters_off import disabling
-from .integration import CONFIG_ATTR, _layers, matches, num_tasks
+from .integration import CONFIG_ATTR, GenerateWithTasks, _layers, matches, num_tasks
 from .layer import FusedMoELoRALinear
 from .routing import PooledResults, close_hook, open_hook, structure_changed
 
@@ -147,6 +147,8 @@ def unload(model: nn.Module) -> nn.Module:
     for m in model.modules():
         m.__dict__.pop(CONFIG_ATTR, None)
         m.__dict__.pop(PooledResults.ATTR, None)
+        if isinstance(m.__dict__.get("generate"), GenerateWithTasks):
+            del m.__dict__["generate"]
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "moecl"):
             del cfg.moecl

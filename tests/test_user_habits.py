@@ -275,3 +275,41 @@ def test_use_tasks_mask_of_the_wrong_shape_is_an_error_not_ignored():
         assert all(torch.equal(pooled[k], v) for k, v in mk.pooled_outputs(model).items())
         with mk.use_tasks(model, torch.tensor([0, 1, 0]), attention_mask=mask):
             model.generate(IDS, attention_mask=mask, max_new_tokens=3, do_sample=False, num_beams=2)
+
+
+# --------------------------------------------------------------------------- item 11
+def test_generate_takes_task_ids_and_routes_like_use_tasks():
+    import copy
+    import pickle
+
+    model = mk.inject(tiny_llama(dtype=torch.float32), num_tasks=2)
+    randomize(model, scale=0.5)
+    t = torch.tensor([0, 1, 1])
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with mk.use_tasks(model, t):
+        ref = model.generate(IDS, **kw)
+    assert torch.equal(model.generate(IDS, task_ids=t, **kw), ref)
+    with mk.use_tasks(model, t):
+        beams = model.generate(IDS, num_beams=2, **kw)
+    assert torch.equal(model.generate(IDS, task_ids=t, num_beams=2, **kw), beams)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone.generate(IDS, task_ids=t, **kw), ref)
+    with pytest.raises(mk.RoutingError, match="task_ids is missing"):
+        model.generate(IDS, **kw)
+    mk.unload(model)
+    assert "generate" not in model.__dict__
+
+
+# --------------------------------------------------------------------------- item 12
+def test_hf_trainer_without_the_task_column_names_remove_unused_columns(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = mk.inject(tiny_llama(dtype=torch.float32), num_tasks=2)
+    rows = [{"input_ids": IDS[i], "labels": IDS[i], "task_ids": i % 2} for i in range(3)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no")
+    with pytest.raises(mk.RoutingError, match=r"TrainingArguments\(remove_unused_columns=False\)"):
+        Trainer(model=model, args=args, train_dataset=rows).train()
+    args.remove_unused_columns = False
+    Trainer(model=model, args=args, train_dataset=rows).train()  # the documented fix works

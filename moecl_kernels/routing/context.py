@@ -39,7 +39,9 @@ from .build import Routing, RoutingError, TaskIds, as_task_tensor, build_routing
 
 MISSING_ROUTING = (
     "task_ids is missing: no routing is in force for this layer. Call it, or the model or any module that "
-    "contains it, with task_ids=t, or wrap the call in `with mk.use_tasks(model, t):` (generate() and custom loops)"
+    "contains it, with task_ids=t, or wrap the call in `with mk.use_tasks(model, t):` (generate() and custom loops). "
+    "With the Hugging Face Trainer, set TrainingArguments(remove_unused_columns=False): by default it drops the "
+    "task_ids column because the model's forward does not name it"
 )
 _TOKEN_KWARGS = ("input_ids", "inputs_embeds", "hidden_states", "x", "input")
 
