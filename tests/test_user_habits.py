@@ -5,6 +5,8 @@ twice or indexed from the end, an explicit backend choice overridden by the envi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -313,3 +315,49 @@ def test_hf_trainer_without_the_task_column_names_remove_unused_columns(tmp_path
         Trainer(model=model, args=args, train_dataset=rows).train()
     args.remove_unused_columns = False
     Trainer(model=model, args=args, train_dataset=rows).train()  # the documented fix works
+
+
+# --------------------------------------------------------------------------- item 14: one line naming the file or value
+def test_check_cli_bad_device_and_backend_are_one_line(capsys):
+    from moecl_kernels import cli
+
+    for argv, msg in ((["check", "--backends", "nope"], "--backends: unknown backend(s) ['nope']"),
+                      (["check", "--device", "tpu9"], "--device tpu9")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("moecl check: ") and msg in err[0]
+    if not torch.cuda.is_available():
+        assert cli.main(["check", "--device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.fixture
+def peft_dir(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_llama(dtype=torch.float32), LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj"]))
+    pm.save_pretrained(tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("truncate", r"adapter_model\.safetensors could not be read"),
+    ("json", r"adapter_config\.json is not valid JSON"),
+    ("r", r"adapter_config\.json: r must be a positive integer, got 'eight'"),
+    ("alpha", r"adapter_config\.json: lora_alpha must be a positive number, got -1"),
+])
+def test_import_peft_lora_names_the_broken_file(peft_dir, damage, msg):
+    st, cfg_file = peft_dir / "adapter_model.safetensors", peft_dir / "adapter_config.json"
+    if damage == "truncate":
+        st.write_bytes(st.read_bytes()[:100])
+    elif damage == "json":
+        cfg_file.write_text(cfg_file.read_text()[:-20])
+    else:
+        cfg = json.loads(cfg_file.read_text())
+        cfg.update({"r": "eight"} if damage == "r" else {"lora_alpha": -1})
+        cfg_file.write_text(json.dumps(cfg))
+    model = mk.inject(tiny_llama(dtype=torch.float32), target_modules=["up_proj"], num_tasks=2, gate=False)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=msg):
+        mk.import_peft_lora(model, peft_dir, task=1)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
