@@ -81,6 +81,20 @@ def check_rank(r: int, in_features: int, out_features: int) -> None:
                          f"{in_features} -> {out_features} projection: a LoRA rank can be at most that")
 
 
+def is_conv1d(module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2 style): ``y = x W + b`` with ``W`` [in, out] (transposed)."""
+    return type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 2
+
+
+def projection_dims(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1]), True
+    raise TypeError(f"expected a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
 def check_count(n) -> int:
     try:
         n = operator.index(n)
@@ -101,7 +115,7 @@ class LoRAProjection:
     def init_projection(self, base: nn.Linear, r: int, alpha: float, rslora: bool) -> None:
         """The base weight and bias (frozen) and the shared expert; task experts come with
         :meth:`add_task_experts`."""
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = projection_dims(base)
         check_rank(int(r), self.in_features, self.out_features)
         self.weight = base.weight
         self.weight.requires_grad_(False)
@@ -128,6 +142,10 @@ class LoRAProjection:
                                                  requires_grad=trainable))
             self.lora_task_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **fk), requires_grad=trainable))
         self._stack_cache = None
+
+    def base_weight(self) -> Tensor:
+        """The base weight as [out_features, in_features] (a transposed view for a ``Conv1D`` base)."""
+        return self.weight.t() if getattr(self, "fan_in_fan_out", False) else self.weight
 
     def drop_stack_cache(self) -> None:
         self._stack_cache = None
@@ -173,6 +191,8 @@ class LoRAProjection:
         """Add ``sign * s * B A`` into the base weight."""
         acc = torch.promote_types(self.weight.dtype, torch.float32)  # fp32 accumulation, fp64 for fp64 weights
         delta = (sign * self.scaling * (B.to(acc) @ A.to(acc))).to(self.weight.dtype)
+        if getattr(self, "fan_in_fan_out", False):
+            delta = delta.t().contiguous()
         w = self.weight
         if hasattr(w, "device_mesh") and hasattr(w, "placements"):  # an FSDP2-sharded (DTensor) base weight
             from torch.distributed.tensor import distribute_tensor

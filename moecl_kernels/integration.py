@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .backends import get_backend
-from .experts import MoEModule, check_args, check_flags, check_rank
+from .experts import MoEModule, check_args, check_flags, check_rank, is_conv1d, projection_dims
 from .layer import FusedMoELoRALinear
 from .mlp import LOOKED_FOR, FusedMoELoRAMLP, MLPLayout, find_mlp, mlp_layout, routed_name
 from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, close_hook, open_hook, pop, push,
@@ -83,22 +83,17 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
             continue
         if isinstance(mod, MoEModule):
             raise ValueError(f"module {name!r} is already a {type(mod).__name__} (model injected twice?)")
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or is_conv1d(mod):  # a GPT-2 Conv1D keeps its [in, out] weight
             names.append(name)
             if not isinstance(target_modules, str):
                 hit.update(t for t in target_modules if matches(name, [t]))
-        elif type(mod).__name__ == "Conv1D":
-            raise TypeError(
-                f"target_modules matched {name!r}, a transformers Conv1D (GPT-2 style, transposed weight), "
-                "which FusedMoELoRALinear does not support; target nn.Linear modules"
-            )
         elif any(isinstance(c, nn.Linear) for c in mod.children()):
             continue  # a container whose name matches (e.g. 'mlp'); its Linear children are matched by name
         else:
             raise TypeError(
                 f"target_modules matched {name!r} of type {type(mod).__name__}; only torch.nn.Linear is supported"
             )
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)})
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; the model's Linear names are {linear}")
     if not isinstance(target_modules, str) and len(hit) < len(target_modules):
@@ -112,7 +107,7 @@ def _all_linear(model: nn.Module) -> list[str]:
     so not the output head, a pooler or a classifier."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+    names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head
              and any(part.isdigit() for part in n.split("."))]
     if not names:
         raise ValueError(f"target_modules='all-linear' found no nn.Linear inside numbered blocks of "
@@ -245,8 +240,7 @@ def inject(
     num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
     gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
     for name in names if level == "linear" else []:
-        lin = model.get_submodule(name)
-        check_rank(r, lin.in_features, lin.out_features)
+        check_rank(r, *projection_dims(model.get_submodule(name))[:2])
     for _, _, layout in mlps if level == "ffn" else []:
         for lin in layout.linears.values():
             check_rank(r, lin.in_features, lin.out_features)

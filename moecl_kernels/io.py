@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .integration import CONFIG_ATTR, LEVELS, find_mlp_targets, find_targets, inject, is_injected, moe_layers
 from .integration import config as _config
+from .experts import is_conv1d
 from .layer import FusedMoELoRALinear
 from .mlp import FusedMoELoRAMLP
 from .peft_compat import modules_to_save, saved_module_parameters
@@ -196,9 +197,9 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
         except (ValueError, TypeError) as e:
             raise LoadError(f"the model does not fit the saved modules: {e}") from e
         if level == "linear":
-            absent = [m for m in modules if not isinstance(_get(model, m), nn.Linear)]
+            absent = [m for m in modules if not (isinstance(_get(model, m), nn.Linear) or is_conv1d(_get(model, m)))]
             if absent:
-                raise LoadError(f"the model has no nn.Linear at saved modules {absent[:5]}")
+                raise LoadError(f"the model has no nn.Linear (or Conv1D) at saved modules {absent[:5]}")
         targets = None
         # expected keys and shapes, computed without changing the model
         expected = {}

@@ -361,3 +361,56 @@ def test_import_peft_lora_names_the_broken_file(peft_dir, damage, msg):
     with pytest.raises(ValueError, match=msg):
         mk.import_peft_lora(model, peft_dir, task=1)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+# --------------------------------------------------------------------------- GPT-2 Conv1D
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double().eval()
+
+
+def test_conv1d_layer_equals_the_same_layer_on_the_transposed_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16).double()
+    lin = nn.Linear(16, 24).double()
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    a, b = mk.FusedMoELoRALinear(conv, 3, r=4, dropout=0.0), mk.FusedMoELoRALinear(lin, 3, r=4, dropout=0.0)
+    assert (a.in_features, a.out_features) == (16, 24) and a.weight.shape == (16, 24)  # Conv1D's own layout kept
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(a.adapter_parameters(), b.adapter_parameters()):
+            p.copy_(torch.randn_like(p))
+            q.copy_(p)
+    x, t = torch.randn(2, 5, 16, dtype=torch.float64), torch.tensor([0, 2])
+    assert torch.allclose(a(x, task_ids=t), b(x, task_ids=t), rtol=0, atol=1e-12)
+
+
+def test_gpt2_conv1d_inject_save_load_merge_unload():
+    model = tiny_gpt2()
+    with torch.no_grad():
+        base = model(IDS).logits
+    mk.inject(model, target_modules="all-linear", num_tasks=2, gate=False, dropout=0.0)
+    assert set(mk.moe_layers(model)) == {f"transformer.h.{i}.{n}" for i in (0, 1)
+                                         for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    randomize(model)
+    with torch.no_grad():
+        ref = model(IDS, task_ids=1).logits
+        with mk.disable_adapters(model):
+            assert torch.equal(model(IDS).logits, base)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        mk.save(model, d)
+        fresh = mk.load(tiny_gpt2(), d)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS, task_ids=1).logits, ref)
+    mk.merge_and_unload(model, task=1)
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, ref, rtol=0, atol=1e-10)
