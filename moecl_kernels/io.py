@@ -224,7 +224,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict_config: bool = 
     # all checks passed: now change the model
     if targets is None:
         inject(model, **dict({k: cfg[k] for k in _INJECT_KEYS}, target_modules=exact), level=level,
-               modules_to_save=cfg["modules_to_save"] or None)
+               modules_to_save="|".join(re.escape(m) for m in cfg["modules_to_save"]) or None)  # exactly these
         model.__dict__[CONFIG_ATTR]["target_modules"] = cfg["target_modules"]
         targets = dict(_adapter_tensors(model), **saved_module_parameters(model))
     with torch.no_grad():

@@ -26,9 +26,10 @@ def find_modules_to_save(model: nn.Module, names: Union[str, Sequence[str], None
     naming a name that matches nothing, a module without parameters, or one inside an injected module."""
     if names is None:
         return []
-    names = [names] if isinstance(names, str) else list(names)
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"modules_to_save must be a list of module names, got {names!r}")
+    if not isinstance(names, str):
+        names = list(names)
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"modules_to_save must be a list of module names or a regex, got {names!r}")
     from .experts import MoEModule
 
     found, hit = [], set()
@@ -43,8 +44,8 @@ def find_modules_to_save(model: nn.Module, names: Union[str, Sequence[str], None
         if not any(True for _ in mod.parameters()):
             raise ValueError(f"modules_to_save: module {name!r} has no parameters")
         found.append(name)
-        hit.update(t for t in names if matches(name, [t]))
-    missing = [t for t in names if t not in hit]
+        hit.update([names] if isinstance(names, str) else [t for t in names if matches(name, [t])])
+    missing = [t for t in ([names] if isinstance(names, str) else names) if t not in hit]
     if missing:
         raise ValueError(f"modules_to_save names {missing} that match no module of {type(model).__name__}")
     return found
