@@ -25,6 +25,7 @@ from .io import load, save
 from .layer import FusedMoELoRALinear
 from .mlp import FusedMoELoRAMLP
 from .ops import moe_lora_linear, moe_lora_mlp, moe_lora_mlp_reference, moe_lora_reference
+from .peft_compat import disable_adapters, merge_and_unload, print_trainable_parameters, unload
 from .peft_import import import_peft_lora
 from .routing import Routing, RoutingError, build_routing
 
@@ -46,6 +47,10 @@ __all__ = [
     "config",
     "is_injected",
     "import_peft_lora",
+    "print_trainable_parameters",
+    "disable_adapters",
+    "unload",
+    "merge_and_unload",
     "save",
     "load",
     "moe_lora_linear",

@@ -145,9 +145,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "info":
         _info()
-    else:
-        run_check(args.backends, device=args.device, dtype=args.dtype)
+        return 0
+    problem = _check_args_problem(args.device, args.backends)
+    if problem:
+        print(f"moecl check: {problem}", file=sys.stderr)
+        return 2
+    run_check(args.backends, device=args.device, dtype=args.dtype)
     return 0
+
+
+def _check_args_problem(device: str, backends: Optional[Sequence[str]]) -> Optional[str]:
+    """Why ``check --device/--backends`` cannot run (None if it can)."""
+    import torch
+
+    from moecl_kernels.backends import registered_backends
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device}: not a device ({e})"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is available to this torch ({torch.__version__}); use --device cpu"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device}: check runs on cpu or cuda"
+    unknown = [b for b in backends or [] if b not in registered_backends()]
+    if unknown:
+        return f"--backends: unknown backend(s) {unknown}; known: {list(registered_backends())}"
+    return None
 
 
 def _cuda() -> bool:

@@ -16,6 +16,7 @@ import numbers
 import operator
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -62,6 +63,39 @@ def check_args(num_tasks, r, dropout, alpha=16.0) -> tuple[int, int, float, floa
     return num_tasks, r, alpha, dropout
 
 
+def check_flag(name: str, v) -> bool:
+    """``v`` as a bool; ValueError naming ``name`` for anything but True/False (``"False"`` is not False)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise ValueError(f"{name} must be True or False, got {v!r} ({type(v).__name__})")
+
+
+def check_flags(**flags) -> tuple[bool, ...]:
+    """The values of ``flags`` (name=value) as bools, in order (:func:`check_flag` each)."""
+    return tuple(check_flag(name, v) for name, v in flags.items())
+
+
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    """A LoRA rank above min(in_features, out_features) adds nothing and only costs memory and time."""
+    if r > min(in_features, out_features):
+        raise ValueError(f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)} of a "
+                         f"{in_features} -> {out_features} projection: a LoRA rank can be at most that")
+
+
+def is_conv1d(module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2 style): ``y = x W + b`` with ``W`` [in, out] (transposed)."""
+    return type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 2
+
+
+def projection_dims(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1]), True
+    raise TypeError(f"expected a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
 def check_count(n) -> int:
     try:
         n = operator.index(n)
@@ -88,7 +122,8 @@ class LoRAProjection:
     def init_projection(self, base: nn.Linear, r: int, alpha: float, rslora: bool) -> None:
         """The base weight and bias (frozen) and the shared expert; task experts come with
         :meth:`add_task_experts`."""
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = projection_dims(base)
+        check_rank(int(r), self.in_features, self.out_features)
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
@@ -104,6 +139,7 @@ class LoRAProjection:
         self.lora_task_A = nn.ParameterList()
         self.lora_task_B = nn.ParameterList()
         self._stack_cache: Optional[tuple] = None
+        self._merged: list[int] = []  # task experts whose delta is in the base weight (contribute nothing else)
 
     def add_task_experts(self, n: int, trainable: bool) -> None:
         """Append ``n`` freshly initialised task experts (A kaiming-uniform, B zero)."""
@@ -113,6 +149,10 @@ class LoRAProjection:
                                                  requires_grad=trainable))
             self.lora_task_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **fk), requires_grad=trainable))
         self._stack_cache = None
+
+    def base_weight(self) -> Tensor:
+        """The base weight as [out_features, in_features] (a transposed view for a ``Conv1D`` base)."""
+        return self.weight.t() if getattr(self, "fan_in_fan_out", False) else self.weight
 
     def drop_stack_cache(self) -> None:
         self._stack_cache = None
@@ -136,21 +176,30 @@ class LoRAProjection:
         """
         As, Bs = plist(self.lora_task_A), plist(self.lora_task_B)
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in As + Bs)
+        merged = getattr(self, "_merged", ())
+        Bm = [torch.zeros_like(b) if k in merged else b for k, b in enumerate(Bs)] if merged else Bs
         if needs_graph or torch.compiler.is_compiling():
-            return torch.stack(As).to(dtype), torch.stack(Bs).to(dtype)
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in As + Bs))
+            return torch.stack(As).to(dtype), torch.stack(Bm).to(dtype)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in As + Bs), tuple(merged))
         if self._stack_cache is None or self._stack_cache[0] != key:
             with torch.no_grad():
-                self._stack_cache = (key, torch.stack(As).to(dtype), torch.stack(Bs).to(dtype))
+                self._stack_cache = (key, torch.stack(As).to(dtype), torch.stack(Bm).to(dtype))
         return self._stack_cache[1], self._stack_cache[2]
 
     def task_trainable(self) -> list[bool]:
         return [bool(a.requires_grad or b.requires_grad) for a, b in zip(plist(self.lora_task_A), plist(self.lora_task_B))]
 
+    def merge_expert(self, k: int, sign: float = 1.0) -> None:
+        """Add task expert ``k``'s LoRA, ``s * B_k A_k``, into the base weight (``sign=-1``: take it out)."""
+        self.merge_lora(self.lora_task_A[k], self.lora_task_B[k], sign)
+
     @torch.no_grad()
-    def merge_expert(self, k: int) -> None:
-        """Add task expert ``k``'s LoRA, ``s * B_k A_k``, into the base weight."""
-        delta = (self.scaling * (self.lora_task_B[k].float() @ self.lora_task_A[k].float())).to(self.weight.dtype)
+    def merge_lora(self, A: Tensor, B: Tensor, sign: float = 1.0) -> None:
+        """Add ``sign * s * B A`` into the base weight."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)  # fp32 accumulation, fp64 for fp64 weights
+        delta = (sign * self.scaling * (B.to(acc) @ A.to(acc))).to(self.weight.dtype)
+        if getattr(self, "fan_in_fan_out", False):
+            delta = delta.t().contiguous()
         w = self.weight
         if hasattr(w, "device_mesh") and hasattr(w, "placements"):  # an FSDP2-sharded (DTensor) base weight
             from torch.distributed.tensor import distribute_tensor
@@ -229,10 +278,43 @@ class MoEModule(RoutedModule):
         snapshots.prepare_load(self, state_dict, prefix)  # frozen tasks' buffers take the saved slot count
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def merged_tasks(self) -> list[int]:
+        """The task experts merged into the base weights (:meth:`merge_task`), in merge order."""
+        return list(getattr(self.lora_projections()[0], "_merged", []))
+
+    def check_task(self, k, what: str) -> int:
+        """``k`` as an index of this module's task experts; ValueError naming ``what`` otherwise."""
+        try:
+            i = operator.index(k)
+        except TypeError:
+            raise ValueError(f"{what}: task must be an int, got {k!r}") from None
+        if not 0 <= i < self.num_tasks:
+            raise ValueError(f"{what}: task={i} is out of range: this module has task experts 0..{self.num_tasks - 1}")
+        return i
+
     def merge_task(self, k: int) -> None:
         """Add task expert ``k``'s LoRA into the base weight of every projection (for an ungated
-        module its term is then part of the base for every token: O-LoRA's merge)."""
+        module its term is then part of the base for every token: O-LoRA's merge). The expert
+        then contributes nothing else (its tokens are not given its delta twice); :meth:`unmerge_task`
+        undoes it, and ``mk.save`` records it."""
+        k = self.check_task(k, "merge_task")
         if self.gate:
             raise ValueError("merge_task needs a layer without a gate (gate=False): a gated expert is not a fixed delta")
+        if k in self.merged_tasks:
+            raise ValueError(f"merge_task: task {k} is already merged into the base weights")
         for proj in self.lora_projections():
             proj.merge_expert(k)
+            proj._merged = [*getattr(proj, "_merged", []), k]
+            proj.drop_stack_cache()
+
+    def unmerge_task(self, k: int) -> None:
+        """Undo :meth:`merge_task`: take expert ``k``'s delta out of the base weights (exact up to
+        the base dtype's rounding) and route its tokens through the expert again."""
+        k = self.check_task(k, "unmerge_task")
+        if k not in self.merged_tasks:
+            raise ValueError(f"unmerge_task: task {k} is not merged (merged: {self.merged_tasks})")
+        for proj in self.lora_projections():
+            proj.merge_expert(k, sign=-1.0)
+            proj._merged = [j for j in proj._merged if j != k]
+            proj.drop_stack_cache()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import snapshots
 from .backends import get_backend
-from .experts import MoEModule, check_args
+from .experts import MoEModule, check_args, check_flags, check_rank, is_conv1d, projection_dims
 from .layer import FusedMoELoRALinear
 from .mlp import LOOKED_FOR, FusedMoELoRAMLP, MLPLayout, find_mlp, mlp_layout, routed_name
 from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, close_hook, open_hook, pop, push,
@@ -34,6 +34,7 @@ from .routing import (PooledResults, RoutedModule, RoutingContext, TaskIds, clos
 CONFIG_ATTR = "_moecl_config"  # the inject() arguments, on the module inject() was called on
 LEVELS = ("linear", "ffn")
 LINEAR_TARGETS = ("gate_proj", "up_proj", "down_proj")  # inject(level="linear")'s default target_modules
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear of the blocks
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoEModule]:
@@ -74,6 +75,8 @@ def matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
 def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[str]:
     """Names of the modules ``inject`` would replace; raises on unsupported module types and
     on a listed name that matches no ``nn.Linear``."""
+    if target_modules == ALL_LINEAR:
+        return _all_linear(model)
     target_modules = _check_target_list(target_modules)
     names, hit = [], set()
     for name, mod in model.named_modules():
@@ -81,27 +84,35 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) ->
             continue
         if isinstance(mod, MoEModule):
             raise ValueError(f"module {name!r} is already a {type(mod).__name__} (model injected twice?)")
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or is_conv1d(mod):  # a GPT-2 Conv1D keeps its [in, out] weight
             names.append(name)
             if not isinstance(target_modules, str):
                 hit.update(t for t in target_modules if matches(name, [t]))
-        elif type(mod).__name__ == "Conv1D":
-            raise TypeError(
-                f"target_modules matched {name!r}, a transformers Conv1D (GPT-2 style, transposed weight), "
-                "which FusedMoELoRALinear does not support; target nn.Linear modules"
-            )
         elif any(isinstance(c, nn.Linear) for c in mod.children()):
             continue  # a container whose name matches (e.g. 'mlp'); its Linear children are matched by name
         else:
             raise TypeError(
                 f"target_modules matched {name!r} of type {type(mod).__name__}; only torch.nn.Linear is supported"
             )
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)})
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; the model's Linear names are {linear}")
     if not isinstance(target_modules, str) and len(hit) < len(target_modules):
         missing = [t for t in target_modules if t not in hit]
         raise ValueError(f"target_modules names {missing} that match no nn.Linear of the model; its Linear names are {linear}")
+    return names
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``"all-linear"``: every ``nn.Linear`` inside the model's numbered blocks (a module list),
+    so not the output head, a pooler or a classifier."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head
+             and any(part.isdigit() for part in n.split("."))]
+    if not names:
+        raise ValueError(f"target_modules='all-linear' found no nn.Linear inside numbered blocks of "
+                         f"{type(model).__name__}; name the modules")
     return names
 
 
@@ -194,6 +205,7 @@ def inject(
     backend: Optional[str] = None,
     deterministic: bool = False,
     level: str = "linear",
+    modules_to_save: Union[str, Sequence[str], None] = None,
 ) -> nn.Module:
     """Inject MoE-CL experts into ``model`` (in place) and return it.
 
@@ -208,7 +220,11 @@ def inject(
     against full names. All non-MoE parameters are frozen; shared experts, task experts and
     gates are trainable (narrow that with :func:`set_trainable`). Afterwards
     ``model(..., task_ids=t)`` -- or any submodule's call with ``task_ids=`` -- routes each
-    sequence to its task expert.
+    sequence to its task expert. ``target_modules="all-linear"`` (linear level): every
+    ``nn.Linear`` inside the model's numbered blocks (not the output head).
+
+    ``modules_to_save`` (PEFT's meaning): modules outside the adapters, e.g. a classifier head,
+    that stay trainable and that ``mk.save``/``mk.load`` store and restore with the adapters.
     """
     if level not in LEVELS:
         raise ValueError(f"level={level!r} must be one of {list(LEVELS)}")
@@ -218,14 +234,22 @@ def inject(
     if level == "linear":
         names = find_targets(model, LINEAR_TARGETS if target_modules is None else target_modules)
     else:
-        mlps = find_mlp_targets(model, target_modules)
+        mlps = find_mlp_targets(model, None if target_modules == ALL_LINEAR else target_modules)
         if any(not root and not layout.bert for _, root, layout in mlps):
             raise ValueError("model is itself an MLP: wrap it with mk.FusedMoELoRAMLP(model, ...)")
         names = [name for name, _, _ in mlps]
     num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
-    backend = None if backend in (None, "auto") else backend
-    if backend is not None:
+    gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
+    for name in names if level == "linear" else []:
+        check_rank(r, *projection_dims(model.get_submodule(name))[:2])
+    for _, _, layout in mlps if level == "ffn" else []:
+        for lin in layout.linears.values():
+            check_rank(r, lin.in_features, lin.out_features)
+    if backend not in (None, "auto"):  # an explicit "auto" is kept: it wins over $MOECL_BACKEND
         _check_backend_name(backend)
+    from .peft_compat import find_modules_to_save
+
+    saved = find_modules_to_save(model, modules_to_save)
     for p in model.parameters():
         p.requires_grad_(False)
     settings = (num_tasks, r, alpha, dropout, gate, rslora, backend, deterministic)
@@ -244,10 +268,14 @@ def inject(
     install_hooks(model)
     if target_modules is None:
         target_modules = list(LINEAR_TARGETS) if level == "linear" else None
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
     cfg = dict(target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
                num_tasks=num_tasks, r=r, alpha=alpha, dropout=dropout, gate=bool(gate), rslora=bool(rslora),
-               level=level)
+               level=level, modules_to_save=saved)
     setattr(model, CONFIG_ATTR, cfg)
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = GenerateWithTasks(model)  # generate(..., task_ids=t) routes like use_tasks
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
         hf_config.moecl = dict(cfg, modules=sorted(names))  # recorded by save_pretrained (mk.load reads it)
@@ -288,6 +316,23 @@ def use_tasks(model: nn.Module, task_ids: TaskIds, attention_mask: Optional[Tens
             PooledResults.of(model).set(ctx.pooled)
 
 
+class GenerateWithTasks:
+    """``model.generate(..., task_ids=t)`` on an injected Hugging Face model: the class's own
+    ``generate`` inside ``with mk.use_tasks(model, t, attention_mask=...)`` (without ``task_ids``
+    it is the class's ``generate`` unchanged). Installed by ``inject`` on the model it injects
+    (an instance attribute: it copies and pickles with the model), removed by ``mk.unload``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, task_ids: Optional[TaskIds] = None, **kwargs):
+        generate = type(self.model).generate.__get__(self.model)
+        if task_ids is None:
+            return generate(*args, **kwargs)
+        with use_tasks(self.model, task_ids, attention_mask=kwargs.get("attention_mask")):
+            return generate(*args, **kwargs)
+
+
 def _task_list(task) -> list[int]:
     if task is None:
         return []
@@ -305,7 +350,8 @@ def set_trainable(
     model: nn.Module, task: Union[int, Iterable[int], None] = None, shared: bool = True, gate: bool = True
 ) -> list[str]:
     """Freeze everything, then make the shared experts (``shared``), task expert(s) ``task``
-    and the gates (``gate``) trainable. Returns the names of the trainable parameters."""
+    and the gates (``gate``) trainable, and the ``modules_to_save`` of ``inject``. Returns the
+    names of the trainable parameters."""
     layers = _layers(model)
     E = num_tasks(model)
     tasks = _task_list(task)
@@ -317,6 +363,10 @@ def set_trainable(
     for layer in layers.values():
         layer.set_trainable(tasks, shared=shared, gate=gate)
     snapshots.warn_frozen(layers.values(), tasks)
+    from .peft_compat import saved_module_parameters
+
+    for p in saved_module_parameters(model).values():  # modules_to_save stay trainable (PEFT's rule)
+        p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -325,11 +375,12 @@ def _check_backend_name(backend: str) -> None:
 
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> None:
-    """Backend for every injected layer (None or 'auto' = ``$MOECL_BACKEND`` / auto)."""
+    """Backend for every injected layer: a name, ``"auto"`` (the automatic choice, whatever
+    ``$MOECL_BACKEND`` says: an explicit call wins) or None (``$MOECL_BACKEND``, else auto)."""
     if backend not in (None, "auto"):
         _check_backend_name(backend)
     for layer in _layers(model).values():
-        layer.backend = None if backend in (None, "auto") else backend
+        layer.backend = backend
 
 
 def collect_pooled(model: nn.Module, enabled: bool = True, modules: Optional[Iterable[str]] = None) -> None:
@@ -373,4 +424,7 @@ def config(model: nn.Module) -> dict:
         cfg[key] = settings[0][key]
     roots = [m.__dict__[CONFIG_ATTR] for m in model.modules() if CONFIG_ATTR in m.__dict__]
     cfg["target_modules"] = roots[0]["target_modules"] if len(roots) == 1 else None
+    from .peft_compat import modules_to_save
+
+    cfg["modules_to_save"] = modules_to_save(model)
     return cfg

@@ -10,7 +10,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import snapshots
-from .experts import LoRAProjection, MoEModule, check_args
+from .adapters_off import disabled
+from .experts import LoRAProjection, MoEModule, check_args, check_flags, is_conv1d, projection_dims
 from .ops.linear import moe_lora_linear
 from .ops.pooling import pooled_shared_path
 from .routing import Routing, RoutingError, TaskIds, keep_alive, structure_changed
@@ -42,13 +43,12 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
         deterministic: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base_linear, nn.Linear):
-            raise TypeError(
-                f"base_linear must be a torch.nn.Linear, got {type(base_linear).__name__}"
-                + (" (GPT-2 style transformers Conv1D is not supported: its weight is transposed)"
-                   if type(base_linear).__name__ == "Conv1D" else "")
-            )
+        if not isinstance(base_linear, nn.Linear) and not is_conv1d(base_linear):
+            raise TypeError(f"base_linear must be a torch.nn.Linear or a transformers Conv1D (GPT-2), got "
+                            f"{type(base_linear).__name__}")
+        self._base_cls = [type(base_linear)]  # what to_linear() gives back
         num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
+        gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
         self.init_projection(base_linear, r, alpha, rslora)
         self.dropout_p = float(dropout)
         self.backend = backend
@@ -70,7 +70,7 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
 
     @classmethod
     def expected_adapters(cls, model: nn.Module, name: str, r: int, num_tasks: int, gate: bool) -> dict[str, tuple]:
-        d_out, d_in = model.get_submodule(name).weight.shape
+        d_in, d_out, _ = projection_dims(model.get_submodule(name))
         shapes = {f"{name}.lora_shared_A": (r, d_in), f"{name}.lora_shared_B": (d_out, r)}
         for k in range(num_tasks):
             shapes[f"{name}.lora_task_A.{k}"] = (r, d_in)
@@ -85,11 +85,17 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
         without it, the routing in force (``model(..., task_ids=)`` or ``mk.use_tasks``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features in its last dim but the layer expects in_features={self.in_features}")
+        if disabled(self):  # mk.disable_adapters: the wrapped module exactly, no routing needed
+            if self.fan_in_fan_out:  # Conv1D's own formula
+                return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         R, ctx = self.routing_for(lead, x.device, task_ids, routing)
         dt = x2.dtype
-        weight, bias = self.weight, self.bias
+        weight, bias = self.base_weight(), self.bias
+        if self.fan_in_fan_out:
+            weight = weight.contiguous()  # Conv1D's [in, out] weight as [out, in] (a copy per call)
         if torch.is_autocast_enabled(x2.device.type):  # what F.linear does under autocast
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, weight = x2.to(dt), weight.to(dt)
@@ -119,7 +125,7 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
             raise RoutingError("pooled outputs need a [batch, seq] input (the layer got flattened tokens)")
         dt = x2.dtype
         return pooled_shared_path(
-            x2.view(B, S, self.in_features), routing.pool_weights(), self.weight.to(dt),
+            x2.view(B, S, self.in_features), routing.pool_weights(), self.base_weight().to(dt),
             self.bias.to(dt) if self.bias is not None else None,
             self.lora_shared_A.to(dt), self.lora_shared_B.to(dt), self.scaling,
         )
@@ -132,10 +138,12 @@ class FusedMoELoRALinear(MoEModule, LoRAProjection):
             f"backend={self.backend or 'auto'}"
         )
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing the base weight and bias (what ``inject`` replaced)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
+    def to_linear(self) -> nn.Module:
+        """A plain ``nn.Linear`` (or ``Conv1D``) sharing the base weight and bias (what ``inject`` replaced)."""
+        if self.fan_in_fan_out:
+            lin = self._base_cls[0](self.out_features, self.in_features)  # Conv1D(nf, nx)
+        else:
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = self.weight
         if self.bias is not None:
             lin.bias = self.bias

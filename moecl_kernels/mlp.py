@@ -31,7 +31,8 @@ from torch import Tensor
 from .contract.activations import activation as _activation
 from .contract.ffn_args import ACTIVATIONS
 from . import snapshots
-from .experts import LoRAProjection, MoEModule, check_args
+from .adapters_off import disabled
+from .experts import LoRAProjection, MoEModule, check_args, check_flags
 from .ops.ffn import moe_lora_mlp
 from .routing import Routing, RoutingError, TaskIds, keep_alive, structure_changed
 
@@ -85,6 +86,7 @@ class MLPLayout:
     linears: dict        # role -> nn.Linear (or an existing projection holder)
     activation: str
     bert: bool
+    act: object = None   # the model's activation callable
 
 
 def mlp_layout(module: nn.Module, name: str = "mlp", strict: bool = True) -> Optional[MLPLayout]:
@@ -105,7 +107,7 @@ def mlp_layout(module: nn.Module, name: str = "mlp", strict: bool = True) -> Opt
         bert = "." in paths["up"]
         if bert and linears["up"].out_features != linears["down"].in_features:
             continue
-        return MLPLayout(module, dict(paths), linears, activation_kind(act, f"module {name!r}"), bert)
+        return MLPLayout(module, dict(paths), linears, activation_kind(act, f"module {name!r}"), bert, act)
     if not strict:
         return None
     children = [n for n, _ in module.named_children()]
@@ -150,12 +152,18 @@ class FusedMoELoRAMLP(MoEModule):
         super().__init__()
         layout = mlp_layout(mlp, name)
         num_tasks, r, alpha, dropout = check_args(num_tasks, r, dropout, alpha)
+        gate, rslora, deterministic = check_flags(gate=gate, rslora=rslora, deterministic=deterministic)
         self.activation = layout.activation
         self.r, self.lora_alpha, self.use_rslora, self.dropout_p = r, alpha, bool(rslora), dropout
         self.backend = backend
         self.deterministic = bool(deterministic)
         self.bert = layout.bert
         self.roles: dict[str, str] = {}  # role -> child name
+        # what was wrapped (lists: not children): the activation callable, and for mk.unload the MLP
+        # (a BERT-style layer's intermediate module and output.dense) with its paths
+        self._act = [layout.act]
+        self._original = [mlp] if not layout.bert else [layout.root.intermediate, layout.root.output.dense]
+        self._paths = dict(layout.paths)
         projections = {role: MoELoRAProjection(lin, r, alpha, rslora, passthrough=layout.bert and role == "down")
                        for role, lin in layout.linears.items()}
         for role, proj in projections.items():
@@ -222,6 +230,8 @@ class FusedMoELoRAMLP(MoEModule):
         without it, the routing in force (``model(..., task_ids=)`` or ``mk.use_tasks``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features in its last dim but the MLP expects {self.in_features}")
+        if disabled(self):  # mk.disable_adapters: the wrapped MLP exactly, no routing needed
+            return self.base_forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         R, ctx = self.routing_for(lead, x.device, task_ids, routing)
@@ -258,6 +268,16 @@ class FusedMoELoRAMLP(MoEModule):
             if pool is not None:
                 ctx.store_pooled(self, self.pooled(h_pool.to(dt), z_pool.to(dt)))
         return y.reshape(*lead, self.out_features)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The wrapped MLP's own computation on the base weights (no experts, no gate)."""
+        def proj(role: str, z: Tensor) -> Tensor:
+            p = self.projection(role)
+            return torch.nn.functional.linear(z, p.weight, p.bias)
+
+        act = self._act[0]
+        h = act(proj("gate", x)) * proj("up", x) if self.projection("gate") is not None else act(proj("up", x))
+        return proj("down", h)
 
     def _pool(self, routing: Routing) -> Tensor:
         if routing.batch_shape is None:

@@ -16,7 +16,6 @@ shared expert) and a shared expert that is still zero. Otherwise the import warn
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import os
@@ -30,6 +29,7 @@ import torch.nn as nn
 
 from .experts import LoRAProjection
 from .integration import moe_layers, num_tasks
+from .io import _read_json, _read_safetensors
 
 _PREFIX = "base_model.model."
 
@@ -45,17 +45,35 @@ def _from_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise ValueError(f"peft_dir_or_model {str(path)!r} has no adapter_config.json")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _read_json(cfg_file)
+    _check_config(cfg, str(cfg_file))
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
-        from safetensors.torch import load_file
-
-        sd = load_file(str(st))
+        sd = _read_safetensors([st])
     elif binf.is_file():
-        sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / corrupt file
+            raise ValueError(f"{binf} could not be read ({type(e).__name__}: {e})") from e
     else:
         raise ValueError(f"peft_dir_or_model {str(path)!r} has no adapter_model.safetensors or adapter_model.bin")
     return cfg, sd
+
+
+def _check_config(cfg: dict, where: str) -> None:
+    """The LoRA settings of an adapter config have the types PEFT writes; ValueError naming ``where`` and the key."""
+    def number(v, integer=False):
+        return not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and v > 0
+
+    checks = (("r", lambda v: number(v, True), "a positive integer"), ("lora_alpha", number, "a positive number"),
+              ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+              ("rank_pattern", lambda v: isinstance(v, dict) and all(number(x, True) for x in v.values()),
+               "an object of positive integers"),
+              ("alpha_pattern", lambda v: isinstance(v, dict) and all(number(x) for x in v.values()),
+               "an object of positive numbers"))
+    for key, ok, what in checks:
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise ValueError(f"{where}: {key} must be {what}, got {cfg[key]!r}")
 
 
 def _from_model(peft_model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:

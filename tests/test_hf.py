@@ -131,10 +131,12 @@ def test_encoder_bert_and_gpt2_conv1d_error():
     assert len(mk.moe_layers(bert)) == 6  # intermediate.dense, output.dense and attention.output.dense x 2
     with torch.no_grad():
         assert torch.equal(bert(ids, task_ids=torch.tensor([0, 1])).last_hidden_state, ref)
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
-    with pytest.raises(TypeError, match="Conv1D"):
-        mk.inject(gpt2, target_modules=["c_fc"], num_tasks=2)
-    assert not mk.is_injected(gpt2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).eval()
+    with torch.no_grad():
+        ref = gpt2(ids).logits
+    mk.inject(gpt2, target_modules=["c_fc"], num_tasks=2)  # a GPT-2 Conv1D (test_user_habits.py has more)
+    with torch.no_grad():
+        assert torch.allclose(gpt2(ids, task_ids=0).logits, ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         mk.inject(tiny_llama(), target_modules=["nope_proj"], num_tasks=2)
 

@@ -46,7 +46,7 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("override, msg", [
-    ("model.r=0", "model.r must be an integer >= 1, got 0"),
+    ("model.r=0", r"model.r must be an integer in \[1, 128\], got 0"),
     ("model.dropout=2", r"model.dropout must be a number in \[0.0, 1.0\), got 2"),
     ("train.lr=-1", "train.lr must be a number > 0, got -1"),
     ("train.epochs=1.5", "train.epochs must be an integer >= 1, got 1.5"),

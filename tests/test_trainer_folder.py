@@ -221,3 +221,42 @@ def test_cli_data_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "d" / "a" / "test.jsonl").unlink()
     with pytest.raises(ConfigError, match="has no test.jsonl"):
         load_config(None, ["data.benchmark=folder", f"data.root={tmp_path / 'd'}"])
+
+
+@pytest.mark.parametrize("files", [("train.json", "test.jsonl"), ("test.jsonl",), ("train.jsonl", "test.json")])
+def test_a_sub_folder_that_is_not_a_task_is_an_error_naming_it(tmp_path, files):
+    """Issue 24 item 1: a misnamed file must not drop the task silently (the run would report fewer tasks)."""
+    _task(tmp_path, "a", ["p", "q"])
+    for f in files:
+        _write(tmp_path / "b" / f, [{"text": "t", "label": "p"}, {"text": "u", "label": "q"}])
+    (tmp_path / ".cache").mkdir()  # hidden folders are not tasks
+    missing = "train.jsonl" if "train.jsonl" not in files else "test.jsonl"
+    with pytest.raises(DataFormatError, match=f"sub-folder 'b' is not a task folder: it has no {missing}"):
+        load_folder(tmp_path)
+    with pytest.raises(ValueError, match="sub-folder 'b'"):
+        load_config(None, ["data.benchmark=folder", f"data.root={tmp_path}"])
+
+
+@pytest.mark.parametrize("labels, msg", [
+    ([1, 2, 3], r"train\.jsonl: the int labels run 1\.\.3 but labels are 0-based class indices"),
+    ([0, 2], r"train\.jsonl: int labels are 0-based class indices, but classes \[1\] of 0\.\.2 have no example"),
+    (["only"], r"train\.jsonl: every example has the label 'only': a classification task needs at least two"),
+    ([0], r"every example has the label '0'"),
+])
+def test_labels_that_would_be_misread_are_errors(tmp_path, labels, msg):
+    """Issue 24 item 5: 1..K labels made a phantom class 0; a one-class task reported 100 %."""
+    _task(tmp_path, "a", labels)
+    with pytest.raises(DataFormatError, match=msg):
+        load_folder(tmp_path)
+
+
+def test_dev_hold_out_that_empties_train_names_the_setting(tmp_path):
+    """Issue 24 item 9: no dev.jsonl, fewer examples per class than data.dev_per_class."""
+    _task(tmp_path, "a", ["p", "q"], per_class=45, dev=False)
+    with pytest.raises(DataFormatError, match=r"no train examples left: there is no dev\.jsonl, so "
+                                              r"data\.dev_per_class=50 .*set data\.dev_per_class lower"):
+        load_folder(tmp_path, dev_per_class=50)
+    assert len(load_folder(tmp_path, dev_per_class=5)[0].train) == 80
+    (tmp_path / "a" / "dev.jsonl").write_text("")
+    with pytest.raises(DataFormatError, match=r"dev\.jsonl holds no examples: fill it, or delete it"):
+        load_folder(tmp_path)

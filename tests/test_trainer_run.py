@@ -86,7 +86,7 @@ def test_resume_refuses_another_config(tmp_path):
     (tmp_path / "x" / "seq_lora" / "report.json").unlink()
     from moecl_kernels.trainer.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="another config"):
+    with pytest.raises(CheckpointError, match=r"another config \(train\.lr: 0\.001 in the checkpoint, 0\.5 now\)"):
         run(_cfg(tmp_path, *SMALL, "methods=[seq_lora]", "train.max_steps_per_task=2", "train.lr=0.5", name="x"),
             resume=True)
 

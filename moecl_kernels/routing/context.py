@@ -39,7 +39,9 @@ from .build import Routing, RoutingError, TaskIds, as_task_tensor, build_routing
 
 MISSING_ROUTING = (
     "task_ids is missing: no routing is in force for this layer. Call it, or the model or any module that "
-    "contains it, with task_ids=t, or wrap the call in `with mk.use_tasks(model, t):` (generate() and custom loops)"
+    "contains it, with task_ids=t, or wrap the call in `with mk.use_tasks(model, t):` (generate() and custom loops). "
+    "With the Hugging Face Trainer, set TrainingArguments(remove_unused_columns=False): by default it drops the "
+    "task_ids column because the model's forward does not name it"
 )
 _TOKEN_KWARGS = ("input_ids", "inputs_embeds", "hidden_states", "x", "input")
 
@@ -104,6 +106,7 @@ class RoutingContext:
         self.attention_mask = _check_mask(attention_mask, self.task_ids, token_shape, name)
         self.layers = routed_modules(owner)
         self._routings: dict[tuple, Routing] = {}
+        self._mask_seen = False  # has a forward with [B, S] tokens been routed (the mask checked against it)
         self.pooled: dict[nn.Module, Tensor] = {}
         self.graph_task = -1
         self.by_hook = False  # opened by open_hook (closed by close_hook), not by use_tasks
@@ -120,11 +123,28 @@ class RoutingContext:
         if r is None:
             r = build_routing(self.task_ids, num_tasks, device=device, token_shape=x_lead, name=self.name,
                               batch_shape=self.token_shape, expand_batch=self.expand_batch)
-            m = self.attention_mask
-            if m is not None and r.batch_shape is not None and tuple(m.shape) == tuple(r.batch_shape):
-                r.attention_mask = m
+            if self.attention_mask is not None and r.batch_shape is not None:
+                r.attention_mask = self._mask_for(tuple(r.batch_shape))
             self._routings[key] = r
         return r
+
+    def _mask_for(self, batch_shape: tuple) -> Optional[Tensor]:
+        """The attention mask for a forward whose tokens are ``batch_shape`` [B, S]: the mask itself,
+        its rows repeated for generate()'s k*B expanded batch, or None for a later forward of another
+        shape (a decode step). The first forward of the block must fit it: a mask of another shape
+        is an error, not a mask silently ignored."""
+        m = self.attention_mask
+        first = not self._mask_seen
+        self._mask_seen = True
+        (B, S), (mB, mS) = batch_shape, tuple(m.shape)
+        if (B, S) == (mB, mS):
+            return m
+        if S == mS and self.expand_batch and B % mB == 0:
+            return m.repeat_interleave(B // mB, dim=0)  # beams / several return sequences: k consecutive copies
+        if first:
+            raise RoutingError(f"attention_mask has shape {list(m.shape)} but the first forward in this routing's "
+                               f"block has tokens {list(batch_shape)}: give the [batch, seq] mask of that input")
+        return None
 
     def store_pooled(self, layer: nn.Module, p: Tensor) -> None:
         self.pooled[layer] = p

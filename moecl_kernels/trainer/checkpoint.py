@@ -21,6 +21,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed (corrupt, other config, other format)."""
 
 
+class RunExistsError(CheckpointError):
+    """A fresh run would overwrite the reports or checkpoints of an earlier run of the same name."""
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    """Raise :class:`RunExistsError` if ``run_dir`` holds an earlier run's reports or checkpoints."""
+    if not run_dir.is_dir():
+        return
+    found = [run_dir / "comparison.md"] + [p / f for p in sorted(run_dir.iterdir()) if p.is_dir()
+                                           for f in ("report.json", CHECKPOINT_NAME)]
+    found = [p for p in found if p.is_file()]
+    if found:
+        raise RunExistsError(
+            f"{run_dir} already holds a run ({', '.join(str(p) for p in found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): continue it with --resume (same config), give this run "
+            "another name (name=<new> or output_dir=<dir>), or replace it with --overwrite")
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -57,8 +75,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
-    """The checkpoint at ``path`` (None if there is none); refuses one of another config."""
+def config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> now`` for every dotted config key whose value differs."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def load_checkpoint(path: Path, fingerprint: str, config: Optional[dict] = None) -> Optional[dict[str, Any]]:
+    """The checkpoint at ``path`` (None if there is none); refuses one of another config, naming
+    the config keys that differ (``config``: this run's, compared with the one the checkpoint holds)."""
     if not path.is_file():
         return None
     try:
@@ -68,8 +99,14 @@ def load_checkpoint(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer version")
     if payload.get("fingerprint") != fingerprint:
+        saved = payload.get("config")
+        if isinstance(saved, dict) and config is not None:
+            diff = config_diff(saved, config)
+            why = "; ".join(diff) if diff else "the same config, but the task data changed since"
+        else:
+            why = f"fingerprint {payload.get('fingerprint')} != {fingerprint}"
         raise CheckpointError(
-            f"{path} was written by a run with another config (fingerprint {payload.get('fingerprint')} != "
-            f"{fingerprint}); resume with the same config, or use a new run name"
+            f"{path} was written by a run with another config ({why}); resume with the same config, "
+            "or use a new run name"
         )
     return payload

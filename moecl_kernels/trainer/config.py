@@ -46,7 +46,7 @@ class ModelConfig:
     # projection mixes its own experts (§1.1)
     level: str = _f("ffn", choices=("ffn", "linear"))
     target_modules: Any = None  # None = every MLP (ffn) / the FFN projections (linear: gate/up/down_proj, BERT dense)
-    r: int = _f(8, 1)
+    r: int = _f(8, 1, 128)  # the rank limit of docs/spec.md §1.4
     alpha: float = _f(16.0, 0, gt=True)
     dropout: float = _f(0.05, 0.0, 1.0, lt=True)
     backend: Optional[str] = None  # None = $MOECL_BACKEND / auto
@@ -139,11 +139,15 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, exclude: Sequence[str] = ("methods", "output_dir", "name")) -> str:
-        """Hash of everything that changes the numbers (checkpoints of another config are refused)."""
+    def fingerprinted(self, exclude: Sequence[str] = ("methods", "output_dir", "name")) -> dict:
+        """Everything that changes the numbers (what :meth:`fingerprint` hashes)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
         d["train"] = {k: v for k, v in d["train"].items() if k != "parallel"}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return d
+
+    def fingerprint(self, exclude: Sequence[str] = ("methods", "output_dir", "name")) -> str:
+        """Hash of everything that changes the numbers (checkpoints of another config are refused)."""
+        return hashlib.sha256(json.dumps(self.fingerprinted(exclude), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -272,7 +276,9 @@ def _check(cfg: RunConfig) -> RunConfig:
 
         known = ["auto", *registered_backends()]
         need(m.backend in known, f"model.backend must be one of {', '.join(known)} (or null), got {m.backend!r}")
-    from .model import ModelNotFound, is_encoder_name, resolve_model_path
+        why = _backend_problem(m.backend) if m.backend != "auto" else None
+        need(why is None, f"model.backend={m.backend} cannot run on this machine: {why}")
+    from .model import ModelNotFound, is_encoder_name, local_model_problem, resolve_model_path
 
     for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if value is not None and value != "builtin":
@@ -280,9 +286,22 @@ def _check(cfg: RunConfig) -> RunConfig:
                 resolve_model_path(value)
             except ModelNotFound as e:
                 raise ConfigError(str(e).replace("model.name_or_path", key)) from None
+    problem = local_model_problem(m.name_or_path, m.tokenizer)
+    need(problem is None, problem or "")
     need(not (cfg.train.mode == "generative" and is_encoder_name(m.name_or_path)),
          f"train.mode=generative needs a causal LM; model.name_or_path={m.name_or_path} is an encoder")
     return cfg
+
+
+def _backend_problem(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run on the device the trainer will use (None if it can)."""
+    import torch
+
+    from moecl_kernels.backends import get_backend, load_error
+
+    be = get_backend(name)
+    probe = torch.empty(1, device="cuda" if torch.cuda.is_available() else "cpu")
+    return load_error(name) if be is None else be.unavailable_reason(probe)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 import moecl_kernels as mk
 
 from .batching import Encoded, Encoder, collate, collate_prompts
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, refuse_overwrite, rng_state, save_checkpoint, seed_everything,
+                         set_rng_state)
 from .config import RunConfig
 from .data import DataFormatError, TaskData, load_mtl5, synthetic_tasks, synthetic_vocabulary, tasks_digest
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -216,7 +217,8 @@ class MethodRun:
     def _save(self, elapsed: float) -> None:
         if self.info.is_main:
             payload = {
-                "fingerprint": self.fingerprint, "method": self.name, "global_step": self.global_step,
+                "fingerprint": self.fingerprint, "config": self.cfg.fingerprinted(), "method": self.name,
+                "global_step": self.global_step,
                 "elapsed": elapsed, "state": self.state, "rng": rng_state(),
                 "model": {k: v.detach().cpu() for k, v in self.model.adapter_state().items()},
             }
@@ -244,7 +246,7 @@ class MethodRun:
             if done.get("fingerprint") == self.fingerprint:
                 log.info("%s: already finished (%s)", self.name, report)
                 return done
-        ckpt = load_checkpoint(self.ckpt_path, self.fingerprint) if resume else None
+        ckpt = load_checkpoint(self.ckpt_path, self.fingerprint, self.cfg.fingerprinted()) if resume else None
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.spec, self.prep, info.device)
         if self.kind == "fsdp":
@@ -452,9 +454,12 @@ class MethodRun:
         return score
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict[str, dict[str, Any]]:
+def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run every method of ``cfg`` (a comparison table when there are several); returns
-    the per-method results. Works single-process and under torchrun / accelerate."""
+    the per-method results. Works single-process and under torchrun / accelerate. A run
+    directory that holds an earlier run is refused unless ``resume`` or ``overwrite``."""
+    if not (resume or overwrite):
+        refuse_overwrite(cfg.run_dir)
     info = init_distributed()
     try:
         prep = prepare(cfg, info)

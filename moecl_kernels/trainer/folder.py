@@ -33,7 +33,22 @@ SPLITS = ("train", "dev", "test")
 
 
 def task_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
+    """The task folders of ``root``: every sub-folder (hidden ones, ``.name``, aside). A sub-folder
+    without ``train.jsonl`` and ``test.jsonl`` is an error naming it and what it holds (a misnamed
+    file would otherwise drop the task silently)."""
+    names = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        absent = [f"{s}.jsonl" for s in ("train", "test") if not (p / f"{s}.jsonl").is_file()]
+        if absent:
+            held = sorted(f.name for f in p.iterdir())[:8]
+            raise DataFormatError(f"data.root {str(root)!r}: sub-folder {p.name!r} is not a task folder: it has no "
+                                  f"{' and no '.join(absent)} (it holds {held}); every sub-folder of data.root is a "
+                                  "task (train.jsonl, test.jsonl, optional dev.jsonl and task.json): rename the files "
+                                  "or move the folder out")
+        names.append(p.name)
+    return names
 
 
 def resolve_folder_order(root: Union[str, Path], order: Any = None) -> list[str]:
@@ -56,8 +71,6 @@ def resolve_folder_order(root: Union[str, Path], order: Any = None) -> list[str]
         if n not in available:
             raise ValueError(f"data.order names task {n!r}, but {root} has no folder {n}/ with train.jsonl; "
                              f"task folders: {available}")
-        if not (root / n / "test.jsonl").is_file():
-            raise ValueError(f"task folder {root / n} has no test.jsonl")
     if len(set(names)) != len(names):
         raise ValueError(f"data.order lists a task twice: {names}")
     return names
@@ -126,6 +139,21 @@ def _class_names(train: _Rows, meta: dict) -> list[str]:
     return [str(i) for i in range(max(r[2] for r in train.rows) + 1)]
 
 
+def _check_classes(path: Path, names: list[str], seen: set[int], from_meta: bool) -> None:
+    """A classification task has two classes or more, and int labels leave no class index unused
+    (1..K labels would make a phantom class 0 that no example has)."""
+    if len(seen) < 2:
+        raise DataFormatError(f"{path}: every example has the label {names[next(iter(seen))]!r}: a classification "
+                              "task needs at least two classes (accuracy on one class is always 100 %)")
+    unused = sorted(set(range(len(names))) - seen)
+    if unused and not from_meta:
+        if unused == [0]:
+            raise DataFormatError(f"{path}: the int labels run 1..{len(names) - 1} but labels are 0-based class "
+                                  "indices (0..K-1): subtract 1 from every label, or use class names")
+        raise DataFormatError(f"{path}: int labels are 0-based class indices, but classes {unused[:8]} of 0.."
+                              f"{len(names) - 1} have no example; renumber the labels 0..K-1, or use class names")
+
+
 def _examples(rows: _Rows, names: list[str], seen: Optional[set[int]]) -> list[Example]:
     if rows.kind == "instruction":
         return [Example(text, -1, output) for _, text, _, output in rows.rows]
@@ -155,6 +183,11 @@ def load_task(d: Path, text_key: str = "text", label_key: str = "label") -> Task
     names = [] if rows["train"].kind == "instruction" else _class_names(rows["train"], meta)
     train = _examples(rows["train"], names, None)
     seen = {e.label for e in train}
+    if names:
+        _check_classes(d / "train.jsonl", names, seen, from_meta="labels" in meta)
+    if "dev" in rows and not rows["dev"].rows:
+        raise DataFormatError(f"{d / 'dev.jsonl'} holds no examples: fill it, or delete it to hold out "
+                              "data.dev_per_class examples per class of train.jsonl instead")
     splits = {s: _examples(rows[s], names, seen) if s in rows else [] for s in ("dev", "test")}
     return TaskData(d.name, names, meta.get("instruction", f"task : {d.name}"), train, splits["dev"], splits["test"])
 
@@ -168,15 +201,21 @@ def load_folder(root: Union[str, Path], order: Any = None, text_key: str = "text
     for name in resolve_folder_order(root, order):
         t = load_task(root / name, text_key, label_key)
         rng = random.Random(f"{seed}:{name}")
+        held_out = not t.dev
         if t.dev:
             t.dev = sample_per_class(t.dev, dev_per_class, rng)
             t.train = sample_per_class(t.train, train_per_class, rng)
         else:
             t.train, t.dev = _split_train_dev(t.train, dev_per_class, train_per_class, rng)
         t.test = sample_per_class(t.test, test_per_class, rng)
+        if not t.train and held_out:
+            raise DataFormatError(
+                f"task {name!r} ({root / name}) has no train examples left: there is no dev.jsonl, so "
+                f"data.dev_per_class={dev_per_class} examples of each class were held out of train.jsonl for dev "
+                f"and that took them all; set data.dev_per_class lower (below the smallest class's count) or add "
+                "a dev.jsonl")
         for split in SPLITS:
             if not getattr(t, split):
-                raise DataFormatError(f"task {name!r} ({root / name}) has no {split} examples"
-                                 + (" (after holding out the dev split)" if split == "train" else ""))
+                raise DataFormatError(f"task {name!r} ({root / name}) has no {split} examples")
         tasks.append(t)
     return tasks

@@ -59,6 +59,34 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def local_model_problem(name_or_path: str, tokenizer: Optional[str]) -> Optional[str]:
+    """Why the trainer cannot use the local model folder ``name_or_path`` (None if it can): an
+    encoder-decoder model, or no tokenizer files where the tokenizer is to come from."""
+    if name_or_path in TINY_MODELS:
+        return None
+    path = resolve_model_path(name_or_path)
+    cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if cfg.get("is_encoder_decoder"):
+            return (f"model.name_or_path: {path} is an encoder-decoder model ({cfg.get('model_type', '?')}); "
+                    "the trainer takes a decoder (causal LM) or an encoder")
+    if tokenizer is None:
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            return (f"model.name_or_path: {path} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}): "
+                    "set model.tokenizer=<a folder with the model's tokenizer>")
+    elif tokenizer != "builtin":
+        tpath = resolve_model_path(tokenizer)
+        if not any(os.path.isfile(os.path.join(tpath, f)) for f in TOKENIZER_FILES):
+            return f"model.tokenizer: {tpath} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
+    return None
+
+
 def is_encoder_name(name_or_path: str) -> bool:
     """Whether the model of ``name_or_path`` is an encoder (BERT-like), from its config.json."""
     if name_or_path in TINY_MODELS:
