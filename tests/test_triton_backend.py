@@ -37,7 +37,7 @@ from moecl_kernels import backends as bk  # noqa: E402
 from moecl_kernels.contract import SINGLE_MIXED, BwdArgs  # noqa: E402
 from moecl_kernels.backends.eager import EagerBackend  # noqa: E402
 from moecl_kernels.contract import dropout as D  # noqa: E402
-from moecl_kernels.ops.custom_ops import moe_lora_fwd
+from moecl_kernels.ops.custom_ops import FWD_SCHEMA_ARGS, call_args, moe_lora_fwd  # noqa: E402
 from moecl_kernels.ops.linear import moe_lora_linear  # noqa: E402
 from moecl_kernels.routing import Routing  # noqa: E402
 
@@ -205,9 +205,10 @@ def test_opcheck():
     inp = make_inputs(c, torch.float32)
     x = {k: (v.requires_grad_(k not in ("weight", "bias")) if v is not None else None) for k, v in inp.x.items()}
     ro = inp.ro
-    args = (x["x"], x["weight"], x["bias"], x["shared_A"], x["shared_B"], x["task_A"], x["task_B"], x["gate_weight"],
-            ro.token_task, ro.sorted_idx, ro.expert_offsets, ro.offsets_cpu, ro.single_task, c.scale, c.p,
-            torch.tensor(inp.seed), [], False, "triton")
+    args = call_args(FWD_SCHEMA_ARGS, **x, token_task=ro.token_task, sorted_idx=ro.sorted_idx,
+                     expert_offsets=ro.expert_offsets, offsets_cpu=ro.offsets_cpu, single_task=ro.single_task,
+                     scale=c.scale, dropout_p=c.p, seed=torch.tensor(inp.seed), expert_trainable=[],
+                     deterministic=False, backend="triton")
     torch.library.opcheck(moe_lora_fwd, args)
 
 
