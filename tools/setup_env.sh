@@ -52,7 +52,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 else
   echo "setup_env.sh: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')" >&2
 fi
-run "${PIP[@]}" setuptools wheel pybind11
+run "${PIP[@]}" "setuptools>=77" wheel pybind11  # setup.py needs setuptools>=77 (an old venv has 65)
 run "${PIP[@]}" --no-build-isolation -e ".[test,triton]"
 if [ "${MOECL_SETUP_DRY_RUN:-0}" != 1 ]; then
   "$PY" -c "import moecl_kernels as mk, torch; print(f'moecl-kernels {mk.__version__} with torch {torch.__version__}')"
