@@ -3,10 +3,10 @@ groups by expert, row gathers and scatters, the dropout mask (a float ``keep / (
 once per call and multiplied in: ``where`` on a boolean is twice as slow), weight-gradient GEMMs in the
 orientation the CPU BLAS runs fast, and the gate coefficients with the routing's hints.
 
-Why the orientation matters: ``F.linear(a.t(), b.t())`` (``a^T b`` with a [T, m] and b [T, r],
-the textbook LoRA weight gradient) runs a transposed-A GEMM with a thin output that CPU BLAS
-computes an order of magnitude slower than ``b^T a`` with ``b^T`` made contiguous (a T x r
-copy); :func:`wgrad` always takes the fast form.
+Why the orientation matters: a rank-r weight gradient computed as the [n, r] product ``h^T a``
+(h [T, n], a [T, r]) runs ~5x slower on CPU BLAS than the [r, n] product ``a^T h`` (7.0 vs 1.4 ms for
+T = 2048, n = 1536, r = 8), and a thin [T, r] output ``big @ w^T`` ~1.8x slower than ``(w big^T)^T``;
+:func:`wgrad` and :func:`thin` always take the fast form.
 """
 
 from __future__ import annotations
