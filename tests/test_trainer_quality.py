@@ -1,0 +1,81 @@
+"""Honest continual-learning comparisons: the rank-matched isolated-LoRA baseline (its trainable
+size per task equals MoE-CL's shared + task expert), the gain against it, and the paired-seed
+aggregation (synthetic report JSONs)."""
+
+import json
+
+import pytest
+import torch
+
+import moecl_kernels as mk
+from moecl_kernels.trainer import aggregate
+from moecl_kernels.trainer.config import load_config
+from moecl_kernels.trainer.engine import build_model, prepare, run
+from moecl_kernels.trainer.methods import METHODS, trainable_adapter_count
+from moecl_kernels.trainer.metrics import add_transfer_gain, transfer_gain
+
+
+def _model(method, level, **over):
+    cfg = load_config(None, ["data.synthetic.num_tasks=3", "data.synthetic.train_size=8", "data.synthetic.dev_size=4",
+                             "data.synthetic.test_size=4", f"model.level={level}"] + [f"{k}={v}" for k, v in over.items()])
+    torch.manual_seed(0)
+    return build_model(cfg, METHODS[method], prepare(cfg), torch.device("cpu")), cfg
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+def test_rank_matched_isolated_lora_trains_moecls_expert_size_per_task(level):
+    """isolated_lora_rm's trainable adapters per task = MoE-CL's shared + task expert (rank 2r vs
+    r + r, counted from the built models), MoE-CL's gates being the only difference."""
+    moe, cfg = _model("moecl_snap_nogan", level)
+    rm, _ = _model("isolated_lora_rm", level)
+    iso, _ = _model("isolated_lora", level)
+    r = cfg.model.r
+    gates = sum(layer.moe_gate.numel() for layer in mk.moe_layers(moe.backbone).values())
+    assert gates > 0
+    # the LoRA parameters of one rank-r expert, from the module shapes: r (d_in + d_out) per projection
+    one_expert = sum(r * (p.in_features + p.out_features) for layer in mk.moe_layers(moe.backbone).values()
+                     for p in layer.lora_projections())
+    for task in (0, 2):
+        assert trainable_adapter_count(moe.backbone, METHODS["moecl_snap_nogan"], task) == 2 * one_expert + gates
+        assert trainable_adapter_count(rm.backbone, METHODS["isolated_lora_rm"], task) == 2 * one_expert
+        assert trainable_adapter_count(iso.backbone, METHODS["isolated_lora"], task) == one_expert
+    layer = next(iter(mk.moe_layers(rm.backbone).values()))
+    proj = next(iter(layer.lora_projections()))
+    assert proj.lora_task_A[0].shape[0] == 2 * r
+    assert layer.r == 2 * r and layer.lora_alpha / layer.r == pytest.approx(cfg.model.alpha / r)  # MoE-CL's scale
+    assert layer.moe_gate is None
+
+
+@pytest.mark.parametrize("level", ["linear", "ffn"])
+def test_rank_matched_baseline_is_in_methods_all(level):
+    cfg = load_config(None, ["methods=all", f"model.level={level}"])
+    assert "isolated_lora_rm" in cfg.methods and "isolated_lora" in cfg.methods
+
+
+def test_gain_against_the_rank_matched_baseline():
+    R = [[0.9, 0.1], [0.5, 0.8]]
+    iso = [[0.85, 0.3], [0.85, 0.9]]
+    rm = [[0.95, 0.3], [0.95, 0.7]]
+    results = {n: {"R": m, "metrics": {}} for n, m in (("moecl", R), ("isolated_lora", iso), ("isolated_lora_rm", rm))}
+    assert add_transfer_gain(results)
+    assert results["moecl"]["metrics"]["transfer_gain_rm"] == pytest.approx(((0.9 - 0.95) + (0.8 - 0.7)) / 2)
+    assert results["moecl"]["metrics"]["transfer_gain"] == pytest.approx(transfer_gain(R, iso))
+    assert results["isolated_lora_rm"]["metrics"]["transfer_gain_rm"] == 0.0
+    only_rm = {n: {"R": m, "metrics": {}} for n, m in (("moecl", R), ("isolated_lora_rm", rm))}
+    assert add_transfer_gain(only_rm) and "transfer_gain" not in only_rm["moecl"]["metrics"]
+
+
+def test_a_run_with_the_rank_matched_baseline_reports_the_gain_against_it(tmp_path, capsys):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=q", "methods=[isolated_lora_rm,moecl_snap_nogan]",
+                             "data.synthetic.num_tasks=2", "data.synthetic.train_size=32", "data.synthetic.dev_size=8",
+                             "data.synthetic.test_size=16", "train.batch_size=16", "train.epochs=1",
+                             "train.fwt_probe=false"])
+    res = run(cfg)
+    rm, moe = res["isolated_lora_rm"], res["moecl_snap_nogan"]
+    assert rm["metrics"]["transfer_gain_rm"] == 0.0 and rm["metrics"]["BWT"] == 0.0
+    assert moe["metrics"]["transfer_gain_rm"] == pytest.approx(transfer_gain(moe["R"], rm["R"]))
+    assert moe["metrics"]["transfer_gain"] is None  # no isolated_lora in this run
+    rep = json.loads((tmp_path / "q" / "moecl_snap_nogan" / "report.json").read_text())
+    assert rep["metrics"]["transfer_gain_rm"] == moe["metrics"]["transfer_gain_rm"]
+    assert "gain vs rank-matched" in (tmp_path / "q" / "comparison.md").read_text()
+    capsys.readouterr()
