@@ -79,3 +79,68 @@ def test_a_run_with_the_rank_matched_baseline_reports_the_gain_against_it(tmp_pa
     assert rep["metrics"]["transfer_gain_rm"] == moe["metrics"]["transfer_gain_rm"]
     assert "gain vs rank-matched" in (tmp_path / "q" / "comparison.md").read_text()
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ paired aggregation
+
+def _write_run(root, name, seed, metrics):
+    """A finished run directory as the engine writes it (comparison.json + report.json per method)."""
+    d = root / name
+    comp = {}
+    for method, (acc, bwt, la) in metrics.items():
+        m = {"ACC": acc, "BWT": bwt, "FWT": 0.0, "LA": la, "transfer_gain": None}
+        comp[method] = {"metrics": m, "wall_time_s": 10.0}
+        (d / method).mkdir(parents=True)
+        (d / method / "report.json").write_text(json.dumps({"seed": seed, "metrics": m}))
+    (d / "comparison.json").write_text(json.dumps(comp))
+    return d
+
+
+def _runs(tmp_path):
+    """moecl_snap_nogan ran seeds 0-3, isolated_lora_rm seeds 1-4: paired on 1, 2, 3. On its
+    own seeds moecl's mean ACC (0.80) beats the reference's (0.775), on the paired seeds it does not."""
+    moe = {0: (0.95, 0.0, 0.95), 1: (0.70, 0.0, 0.70), 2: (0.80, 0.0, 0.80), 3: (0.75, 0.0, 0.75)}
+    rm = {1: (0.72, 0.0, 0.72), 2: (0.79, 0.0, 0.79), 3: (0.78, 0.0, 0.78), 4: (0.81, 0.0, 0.81)}
+    dirs = []
+    for s in range(5):
+        m = {}
+        if s in rm:
+            m["isolated_lora_rm"] = rm[s]
+        if s in moe:
+            m["moecl_snap_nogan"] = moe[s]
+        m["isolated_lora"] = (0.5, 0.0, 0.5)
+        dirs.append(_write_run(tmp_path, f"s{s}", s, m))
+    return dirs
+
+
+def test_aggregate_compares_on_the_paired_seeds_only(tmp_path):
+    result = aggregate.aggregate(aggregate.collect(_runs(tmp_path)))
+    assert result["reference"] == "isolated_lora_rm"  # rank-matched by default
+    e = result["methods"]["moecl_snap_nogan"]
+    assert e["ACC"][0] == pytest.approx(0.80) and result["methods"]["isolated_lora_rm"]["ACC"][0] == pytest.approx(0.775)
+    p = e["paired"]
+    assert p["seeds"] == [1, 2, 3] and p["n"] == 3 and p["wins"] == 1
+    diffs = [0.70 - 0.72, 0.80 - 0.79, 0.75 - 0.78]
+    mean = sum(diffs) / 3
+    assert p["dACC"][0] == pytest.approx(mean)
+    assert p["dACC"][1] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5)
+    assert p["dLA"][0] == pytest.approx(mean)
+    assert e["bar"] is False  # the unpaired means would say yes
+    assert result["methods"]["isolated_lora_rm"]["paired"] is None and result["methods"]["isolated_lora_rm"]["bar"] is None
+    iso = aggregate.aggregate(aggregate.collect(_runs(tmp_path / "b")), ref="isolated_lora")
+    assert iso["methods"]["moecl_snap_nogan"]["paired"]["n"] == 4 and iso["methods"]["moecl_snap_nogan"]["bar"] is True
+
+
+def test_aggregate_table_and_errors(tmp_path, capsys):
+    dirs = [str(d) for d in _runs(tmp_path)]
+    assert aggregate.main(dirs + ["--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "ΔACC vs isolated_lora_rm, paired (pp)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| moecl_snap_nogan |"))
+    assert "| -1.3 ± 2.1 |" in row and "| 1/3 (1,2,3) | no | 0,1,2,3 |" in row
+    assert "| isolated_lora_rm |" in table and "| ref |" in table
+    assert json.loads((tmp_path / "t.json").read_text())["reference"] == "isolated_lora_rm"
+    assert aggregate.main(dirs + ["--ref", "olora"]) == 2
+    assert "--ref olora is not among" in capsys.readouterr().err
+    assert aggregate.main([dirs[0], dirs[0]]) == 2  # the same seed twice
+    assert "seed 0 in two runs" in capsys.readouterr().err
