@@ -1,6 +1,6 @@
 """Honest continual-learning comparisons: the rank-matched isolated-LoRA baseline (its trainable
-size per task equals MoE-CL's shared + task expert), the gain against it, and the paired-seed
-aggregation (synthetic report JSONs)."""
+size per task equals MoE-CL's shared + task expert), the gain against it, the paired-seed
+aggregation (synthetic report JSONs) and the transfer benchmark (``transfertext``)."""
 
 import json
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import moecl_kernels as mk
-from moecl_kernels.trainer import aggregate
+from moecl_kernels.trainer import aggregate, realtext, transfertext
 from moecl_kernels.trainer.config import load_config
 from moecl_kernels.trainer.engine import build_model, prepare, run
+from moecl_kernels.trainer.folder import load_folder
 from moecl_kernels.trainer.methods import METHODS, trainable_adapter_count
 from moecl_kernels.trainer.metrics import add_transfer_gain, transfer_gain
 
@@ -144,3 +145,54 @@ def test_aggregate_table_and_errors(tmp_path, capsys):
     assert "--ref olora is not among" in capsys.readouterr().err
     assert aggregate.main([dirs[0], dirs[0]]) == 2  # the same seed twice
     assert "seed 0 in two runs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the transfer benchmark
+
+def _raw_sources():
+    """task -> area -> sentences, as ``transfertext.raw_sources`` returns them (made up here)."""
+    raw = {t: {} for t in transfertext.TASK_ORDER}
+    words = "apple river stone cloud maple tiger violin garden lantern harbor meadow copper".split()
+    for task, nth in zip(transfertext.TASK_ORDER, ("first", "second", "third")):
+        for area in ("alpha", "beta"):
+            raw[task][area] = [f"The {area} text of the {nth} source explains the {w} plainly." for w in words]
+    raw["area_b"]["alpha"].append(raw["area_a"]["alpha"][0])  # found in two tasks' sources: dropped from both
+    raw["area_c"]["beta"].append(raw["area_c"]["alpha"][1])  # found under two areas: dropped from both
+    return raw
+
+
+def test_transfer_benchmark_is_deterministic_same_labels_and_leak_free():
+    sizes = {"area_a": (4, 2, 3), "area_b": (2, 2, 3), "area_c": (2, 2, 3)}
+    a = transfertext.build(seed=0, sizes=sizes, raw=_raw_sources())
+    assert a == transfertext.build(seed=0, sizes=sizes, raw=_raw_sources())
+    assert a["manifest"]["sha256"] != transfertext.build(seed=1, sizes=sizes, raw=_raw_sources())["manifest"]["sha256"]
+    tasks = a["tasks"]
+    assert list(tasks) == list(transfertext.TASK_ORDER)
+    assert all(t["labels"] == ["alpha", "beta"] for t in tasks.values())  # the same label kind in every task
+    for name, (n_train, n_dev, n_test) in sizes.items():
+        assert [len(tasks[name][s]) for s in ("train", "dev", "test")] == [2 * n_train, 2 * n_dev, 2 * n_test]
+    texts = [{e["text"] for s in ("train", "dev", "test") for e in t[s]} for t in tasks.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    leaked = _raw_sources()["area_a"]["alpha"][0]
+    assert all(leaked not in t for t in texts)
+    assert all(_raw_sources()["area_c"]["alpha"][1] not in t for t in texts)
+    with pytest.raises(RuntimeError, match="area_a.*'alpha' has 11 sentences, needs 12"):
+        transfertext.build(sizes={"area_a": (8, 2, 2)}, raw=_raw_sources())
+
+
+def test_transfer_sources_are_split_disjoint_and_balanced():
+    units = {"big.py": ["s"] * 10, "a.py": ["a"] * 4, "b.py": ["b"] * 4, "c.py": ["c"] * 3, "d.py": ["d"] * 3}
+    groups = transfertext.split_sources(units, 3)
+    assert groups == [["s"] * 10, ["a"] * 4 + ["c"] * 3, ["b"] * 4 + ["d"] * 3]
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_from_the_installed_stdlib_generates_deterministically(tmp_path):
+    raw = transfertext.raw_sources()
+    a = transfertext.build(seed=0, raw=raw)
+    assert a == transfertext.build(seed=0)  # read again from the files
+    assert a["manifest"]["sha256"] == realtext.content_hash(a["tasks"])
+    realtext.write(a, tmp_path)
+    loaded = load_folder(tmp_path)
+    assert [t.name for t in loaded] == list(transfertext.TASK_ORDER)
+    assert [len(t.train) for t in loaded] == [8 * 40, 8 * 20, 8 * 20] and all(t.num_classes == 8 for t in loaded)
