@@ -94,22 +94,9 @@ def build(seed: int = 0, sizes: Optional[dict[str, Sequence[int]]] = None,
     classes_by_task = clean_sources(raw if raw is not None else raw_sources())
     tasks = {}
     for name in TASK_ORDER:
-        n_train, n_dev, n_test = (int(v) for v in sizes[name])
-        need = n_train + n_dev + n_test
         classes = classes_by_task[name]
-        rng = random.Random(f"transfertext:{seed}:{name}")
-        splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
-        for label in sorted(classes):
-            pool = list(classes[label])
-            if len(pool) < need:
-                raise RuntimeError(f"transfer task {name!r} class {label!r} has {len(pool)} sentences, needs {need} "
-                                   f"({n_train}+{n_dev}+{n_test} per class)")
-            rng.shuffle(pool)
-            splits["train"].extend({"text": s, "label": label} for s in pool[:n_train])
-            splits["dev"].extend({"text": s, "label": label} for s in pool[n_train:n_train + n_dev])
-            splits["test"].extend({"text": s, "label": label} for s in pool[n_train + n_dev:need])
-        for items in splits.values():
-            rng.shuffle(items)
+        splits = rt.split_classes(classes, sizes[name], random.Random(f"transfertext:{seed}:{name}"),
+                                  f"transfer task {name!r}")
         tasks[name] = {"labels": sorted(classes), "instruction": INSTRUCTION, **splits}
     manifest = {"format": FORMAT, "seed": seed, "order": list(TASK_ORDER),
                 "per_class": {n: list(sizes[n]) for n in TASK_ORDER},
