@@ -196,3 +196,35 @@ def test_transfer_benchmark_from_the_installed_stdlib_generates_deterministicall
     loaded = load_folder(tmp_path)
     assert [t.name for t in loaded] == list(transfertext.TASK_ORDER)
     assert [len(t.train) for t in loaded] == [8 * 40, 8 * 20, 8 * 20] and all(t.num_classes == 8 for t in loaded)
+
+
+# ------------------------------------------------------------------------------ the adversarial loss
+
+@pytest.mark.parametrize("probs", [False, True])
+def test_discriminator_loss_over_logits_or_the_official_codes_probabilities(probs):
+    from moecl_kernels.trainer.model import Discriminators
+    torch.manual_seed(0)
+    d = Discriminators({"m": 6}, num_tasks=3, probs=probs)  # fp32, as the trainer runs it
+    with torch.no_grad():
+        d.linears[0].weight.mul_(200.0)  # a confident discriminator
+    pooled = {"m": torch.randn(4, 6, requires_grad=True)}
+    tasks = torch.tensor([0, 1, 2, 1])
+    disc, shared = d.losses(pooled, tasks)
+    logits = pooled["m"].detach().double() @ d.linears[0].weight.detach().double().T  # the float64 reference
+    scores = logits.softmax(-1) if probs else logits
+    ref = -(scores.log_softmax(-1)[torch.arange(4), tasks]).sum()
+    assert disc.item() == pytest.approx(ref.item(), rel=1e-5) and shared.item() == pytest.approx(ref.item(), rel=1e-5)
+    e = torch.e
+    if probs:  # bounded: each row in [log(T - 1 + e) - 1, log(1 + (T - 1) e)]
+        assert 4 * (torch.log(torch.tensor(2 + e)) - 1) <= ref <= 4 * torch.log(torch.tensor(1 + 2 * e))
+    else:
+        assert ref > 4 * torch.log(torch.tensor(1 + 2 * e))  # the logits' loss is not
+    shared.backward()
+    assert pooled["m"].grad is not None and d.linears[0].weight.grad is None  # the shared side: p_n only
+
+
+def test_adv_loss_is_checked():
+    from moecl_kernels.trainer.config import ConfigError
+    with pytest.raises(ConfigError, match="method.adv_loss"):
+        load_config(None, ["method.adv_loss=softmax"])
+    assert load_config(None, ["method.adv_loss=probs"]).method.adv_loss == "probs"

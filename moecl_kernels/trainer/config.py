@@ -113,6 +113,9 @@ class TrainConfig:
 class MethodConfig:
     lambda_adv: float = _f(1.0, 0)  # MoE-CL: weight of the adversarial (discriminator) loss
     adv_cap: bool = True  # the shared expert ascends L_D only up to chance level, log(num_tasks)
+    # L_D's cross-entropy over the discriminator's logits, or over its softmax probabilities (the official
+    # MoE-CL code's: bounded, with a damped gradient)
+    adv_loss: str = _f("logits", choices=("logits", "probs"))
     disc_modules: Optional[list] = None  # injected-module name suffixes with a discriminator; None = all
     olora_lambda: float = _f(0.5, 0)  # O-LoRA: weight of the orthogonality loss
     # the moecl_* variants (methods.py)

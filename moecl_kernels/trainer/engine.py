@@ -129,7 +129,7 @@ def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.
         backbone, spec, [t.num_classes for t in prep.tasks], cfg.train.mode,
         pooling="first" if is_encoder(backbone) else "last", lambda_adv=cfg.method.lambda_adv,
         adv_cap=cfg.method.adv_cap, disc_modules=cfg.method.disc_modules, olora_lambda=cfg.method.olora_lambda,
-        distill_lambda=cfg.method.distill_lambda,
+        distill_lambda=cfg.method.distill_lambda, adv_probs=cfg.method.adv_loss == "probs",
     )
     return model.to(device)
 
