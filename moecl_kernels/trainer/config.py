@@ -1,8 +1,8 @@
 """Run configuration: nested dataclasses, loaded from YAML/JSON, with ``key=value`` overrides.
 
 Every field has a default; the defaults are the offline demo (the synthetic benchmark,
-a tiny random-init Llama; MoE-CL with per-task snapshots and no GAN term, MoE-CL, isolated and sequential
-LoRA). A config file only names what it changes; unknown keys are errors (they name the key and the allowed ones).
+a tiny random-init Llama; MoE-CL with per-task snapshots and no GAN term, MoE-CL, isolated LoRA at rank r and
+at the rank-matched 2r, sequential LoRA). A config file only names what it changes; unknown keys are errors (they name the key and the allowed ones).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"  # results go to output_dir/name
     seed: int = _f(0, 0)
-    methods: list = _f(["moecl_snap_nogan", "moecl", "isolated_lora", "seq_lora"])  # a list, a comma string, or "all"
+    # a list, a comma string, or "all"
+    methods: list = _f(["moecl_snap_nogan", "moecl", "isolated_lora", "isolated_lora_rm", "seq_lora"])
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
