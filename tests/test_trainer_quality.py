@@ -68,8 +68,8 @@ def test_gain_against_the_rank_matched_baseline():
 
 def test_a_run_with_the_rank_matched_baseline_reports_the_gain_against_it(tmp_path, capsys):
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=q", "methods=[isolated_lora_rm,moecl_snap_nogan]",
-                             "data.synthetic.num_tasks=2", "data.synthetic.train_size=32", "data.synthetic.dev_size=8",
-                             "data.synthetic.test_size=16", "train.batch_size=16", "train.epochs=1",
+                             "data.synthetic.num_tasks=2", "data.synthetic.train_size=16", "data.synthetic.dev_size=4",
+                             "data.synthetic.test_size=8", "train.batch_size=8", "train.epochs=1",
                              "train.fwt_probe=false"])
     res = run(cfg)
     rm, moe = res["isolated_lora_rm"], res["moecl_snap_nogan"]
