@@ -2,6 +2,7 @@
 size per task equals MoE-CL's shared + task expert), the gain against it, the paired-seed
 aggregation (synthetic report JSONs) and the transfer benchmark (``transfertext``)."""
 
+import hashlib
 import json
 
 import pytest
@@ -228,3 +229,10 @@ def test_adv_loss_is_checked():
     with pytest.raises(ConfigError, match="method.adv_loss"):
         load_config(None, ["method.adv_loss=softmax"])
     assert load_config(None, ["method.adv_loss=probs"]).method.adv_loss == "probs"
+    # the default leaves the fingerprint of checkpoints written before the key existed unchanged; probs changes it
+    default = load_config(None, [])
+    assert default.fingerprint() != load_config(None, ["method.adv_loss=probs"]).fingerprint()
+    d = {k: v for k, v in default.to_dict().items() if k not in ("methods", "output_dir", "name")}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "parallel"}
+    d["method"] = {k: v for k, v in d["method"].items() if k != "adv_loss"}  # the config as it was before the key
+    assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

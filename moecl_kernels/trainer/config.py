@@ -147,6 +147,8 @@ class RunConfig:
         """Hash of everything that changes the numbers (checkpoints of another config are refused)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
         d["train"] = {k: v for k, v in d["train"].items() if k != "parallel"}
+        if d["method"].get("adv_loss") == "logits":  # the default, added later: earlier checkpoints still resume
+            d["method"] = {k: v for k, v in d["method"].items() if k != "adv_loss"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
