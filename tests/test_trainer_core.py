@@ -82,8 +82,9 @@ def test_config_accepts_lists_comma_strings_and_all(tmp_path):
     with pytest.raises(ConfigError, match="methods: moecl_dmem needs model.level=linear"):
         load_config(None, ["methods=moecl,moecl_dmem"])
     assert load_config(None, ["methods=moecl, olora"]).methods == ["moecl", "olora"]
-    # the demo: the best variant that meets the bar on both benchmarks, the paper's method, the bar, the naive baseline
-    assert load_config(None, []).methods == ["moecl_snap_nogan", "moecl", "isolated_lora", "seq_lora"]
+    # the demo: the best MoE-CL variant, the paper's method, isolated LoRA at rank r and rank-matched (2r), the naive one
+    default = ["moecl_snap_nogan", "moecl", "isolated_lora", "isolated_lora_rm", "seq_lora"]
+    assert load_config(None, []).methods == default
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         for split in ("train", "test"):

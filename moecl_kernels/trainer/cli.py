@@ -1,6 +1,7 @@
 """``moecl-train``: continual training of MoE-CL and its baselines.
 
-    moecl-train [demo]                           # the offline demo: synthetic benchmark, moecl_snap_nogan/moecl/isolated/sequential LoRA
+    moecl-train [demo]                           # the offline demo: synthetic benchmark, moecl_snap_nogan/moecl/isolated
+                                                 # (rank r and 2r)/sequential LoRA
     moecl-train -c run.yaml train.lr=2e-4 methods=[moecl,olora]
     moecl-train -c run.yaml --resume             # continue a killed run (same config)
     torchrun --nproc_per_node 2 -m moecl_kernels.trainer.cli -c run.yaml

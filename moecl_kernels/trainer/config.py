@@ -1,8 +1,8 @@
 """Run configuration: nested dataclasses, loaded from YAML/JSON, with ``key=value`` overrides.
 
 Every field has a default; the defaults are the offline demo (the synthetic benchmark,
-a tiny random-init Llama; MoE-CL with per-task snapshots and no GAN term, MoE-CL, isolated and sequential
-LoRA). A config file only names what it changes; unknown keys are errors (they name the key and the allowed ones).
+a tiny random-init Llama; MoE-CL with per-task snapshots and no GAN term, MoE-CL, isolated LoRA at rank r and
+at the rank-matched 2r, sequential LoRA). A config file only names what it changes; unknown keys are errors (they name the key and the allowed ones).
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ class TrainConfig:
 class MethodConfig:
     lambda_adv: float = _f(1.0, 0)  # MoE-CL: weight of the adversarial (discriminator) loss
     adv_cap: bool = True  # the shared expert ascends L_D only up to chance level, log(num_tasks)
+    # L_D's cross-entropy over the discriminator's logits, or over its softmax probabilities (the official
+    # MoE-CL code's: bounded, with a damped gradient)
+    adv_loss: str = _f("logits", choices=("logits", "probs"))
     disc_modules: Optional[list] = None  # injected-module name suffixes with a discriminator; None = all
     olora_lambda: float = _f(0.5, 0)  # O-LoRA: weight of the orthogonality loss
     # the moecl_* variants (methods.py)
@@ -126,7 +129,8 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"  # results go to output_dir/name
     seed: int = _f(0, 0)
-    methods: list = _f(["moecl_snap_nogan", "moecl", "isolated_lora", "seq_lora"])  # a list, a comma string, or "all"
+    # a list, a comma string, or "all"
+    methods: list = _f(["moecl_snap_nogan", "moecl", "isolated_lora", "isolated_lora_rm", "seq_lora"])
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -143,6 +147,8 @@ class RunConfig:
         """Everything that changes the numbers (what :meth:`fingerprint` hashes)."""
         d = {k: v for k, v in self.to_dict().items() if k not in exclude}
         d["train"] = {k: v for k, v in d["train"].items() if k != "parallel"}
+        if d["method"].get("adv_loss") == "logits":  # the default, added later: earlier checkpoints still resume
+            d["method"] = {k: v for k, v in d["method"].items() if k != "adv_loss"}
         return d
 
     def fingerprint(self, exclude: Sequence[str] = ("methods", "output_dir", "name")) -> str:

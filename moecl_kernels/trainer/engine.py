@@ -124,13 +124,14 @@ def build_model(cfg: RunConfig, spec: MethodSpec, prep: Prepared, device: torch.
     backbone = build_backbone(m.name_or_path, cfg.train.mode == "generative", len(tok), cfg.data.max_length, m.dtype, special)
     targets = m.target_modules if m.target_modules or m.level == "ffn" else default_target_modules(backbone)
     num_tasks = len(prep.tasks)
-    mk.inject(backbone, target_modules=targets, num_tasks=spec.num_experts(num_tasks), r=m.r, alpha=m.alpha,
+    mk.inject(backbone, target_modules=targets, num_tasks=spec.num_experts(num_tasks), r=m.r * spec.rank_scale,
+              alpha=m.alpha * spec.rank_scale,
               dropout=m.dropout, gate=spec.gate, backend=m.backend, level=m.level)
     model = ContinualModel(
         backbone, spec, [t.num_classes for t in prep.tasks], cfg.train.mode,
         pooling="first" if is_encoder(backbone) else "last", lambda_adv=cfg.method.lambda_adv,
         adv_cap=cfg.method.adv_cap, disc_modules=cfg.method.disc_modules, olora_lambda=cfg.method.olora_lambda,
-        distill_lambda=cfg.method.distill_lambda,
+        distill_lambda=cfg.method.distill_lambda, adv_probs=cfg.method.adv_loss == "probs",
     )
     return model.to(device)
 

@@ -8,6 +8,15 @@ or, at the FFN level, ``FusedMoELoRAMLP``).
 | ``seq_lora``    | none          | no   | trainable: the LoRA | -1 / -1 (shared only)    | none                          |
 | ``isolated_lora``| one per task | no   | frozen at zero      | task k / task j          | none                          |
 | ``olora``       | one per task  | no   | frozen at zero      | task k / -1 (merged)     | orthogonality to earlier A's  |
+| ``isolated_lora_rm`` | one per task, rank 2r | no | frozen at zero | task k / task j | none                  |
+
+``isolated_lora_rm`` is the rank-matched baseline: isolated LoRA whose task expert has rank
+``2 * model.r`` (and ``lora_alpha = 2 * model.alpha``, so the scale ``alpha / r`` is MoE-CL's), i.e.
+the trainable adapter parameters per task of MoE-CL's shared expert plus its task expert
+(:func:`trainable_adapter_count`; MoE-CL also trains a ``[2, d_in]`` gate per injected module, which
+the rank-matched baseline has no counterpart for: it has ``2 d_in`` parameters per module fewer).
+With per-task snapshots (``moecl_snap*``) every task keeps its own copy of the shared expert, so the
+fair question is whether MoE-CL beats one isolated LoRA of the same size per task.
 
 The MoE-CL variants are ``moecl`` plus one idea each (``variants.py``; combinations name
 every idea they combine):
@@ -58,6 +67,7 @@ class MethodSpec:
     distill: bool = False  # shared path distilled against its pre-task snapshot
     shared_lr: bool = False  # shared expert's lr scaled by method.shared_lr_scale from task 2 on
     warm: bool = False  # a new task's expert starts as a copy of the shared expert (from task 2 on)
+    rank_scale: int = 1  # the experts' rank (and alpha) are model.r (model.alpha) times this
 
     @property
     def linear_only(self) -> bool:
@@ -86,6 +96,8 @@ METHODS: dict[str, MethodSpec] = {
     "seq_lora": MethodSpec("seq_lora", task_experts=False, gate=False, shared=True, adversarial=False),
     "isolated_lora": MethodSpec("isolated_lora", task_experts=True, gate=False, shared=False, adversarial=False),
     "olora": MethodSpec("olora", task_experts=True, gate=False, shared=False, adversarial=False, olora=True),
+    "isolated_lora_rm": MethodSpec("isolated_lora_rm", task_experts=True, gate=False, shared=False, adversarial=False,
+                                   rank_scale=2),
 }
 BASELINES = tuple(METHODS)
 
@@ -108,6 +120,14 @@ for _name, _ideas in {
     "moecl_snap_nogan": dict(task_gate=True, task_shared=True, adversarial=False),
 }.items():
     METHODS[_name] = _variant(_name, **_ideas)
+
+
+def trainable_adapter_count(model: nn.Module, spec: MethodSpec, task: int) -> int:
+    """The adapter parameters (experts and gates of the injected modules; not the heads or the
+    discriminators) that ``spec`` trains on ``task``; leaves ``model`` trainable as for ``task``."""
+    spec.set_trainable(model, task)
+    return sum(p.numel() for layer in mk.moe_layers(model).values() for _, p in layer.adapter_parameters()
+               if p.requires_grad)
 
 
 def orthogonality_loss(model: nn.Module, task: int) -> Tensor:

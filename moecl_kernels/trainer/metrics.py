@@ -10,8 +10,11 @@ docs/spec.md §6 writes 1-based), ``b[j]`` the untrained model's accuracy on tas
                                                      backbone before task i, P0[i] on the untrained one
         = mean_{i >= 1} (R[i-1][i] - b[i])          without probes (generative mode: zero-shot answers)
     transfer gain = mean_i (R[i][i] - R_iso[i][i])   against isolated per-task LoRA of the same run
+    transfer_gain_rm                                 the same against the rank-matched isolated LoRA
+                                                     (rank 2r: MoE-CL's shared + task expert per task)
 
-BWT and FWT are None for a single task; the transfer gain is None without an isolated-LoRA run.
+BWT and FWT are None for a single task; the transfer gains are None (absent)
+without their reference run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 REFERENCE_METHOD = "isolated_lora"  # the transfer gain's reference
+RANK_MATCHED_METHOD = "isolated_lora_rm"  # transfer_gain_rm's: isolated LoRA of MoE-CL's trainable size per task
 
 
 def cl_metrics(R: Sequence[Sequence[float]], baseline: Sequence[float], probe: Optional[Sequence[Optional[float]]] = None,
@@ -50,10 +54,14 @@ def transfer_gain(R: Sequence[Sequence[float]], R_ref: Sequence[Sequence[float]]
 
 def add_transfer_gain(results: dict[str, dict[str, Any]]) -> bool:
     """Sets ``metrics["transfer_gain"]`` of every result against the isolated-LoRA result
-    among them; False (nothing set) when there is none."""
-    ref = results.get(REFERENCE_METHOD)
-    if ref is None:
-        return False
-    for r in results.values():
-        r["metrics"]["transfer_gain"] = transfer_gain(r["R"], ref["R"])
-    return True
+    among them, and ``metrics["transfer_gain_rm"]`` against the rank-matched isolated LoRA's
+    (:data:`RANK_MATCHED_METHOD`); False (nothing set) when neither ran."""
+    found = False
+    for key, ref_name in (("transfer_gain", REFERENCE_METHOD), ("transfer_gain_rm", RANK_MATCHED_METHOD)):
+        ref = results.get(ref_name)
+        if ref is None:
+            continue
+        found = True
+        for r in results.values():
+            r["metrics"][key] = transfer_gain(r["R"], ref["R"])
+    return found

@@ -173,13 +173,21 @@ class GradReverse(torch.autograd.Function):
 
 class Discriminators(nn.Module):
     """One bias-free linear task classifier per chosen injected module, on its pooled
-    shared-path output p_n (docs/spec.md §1)."""
+    shared-path output p_n (docs/spec.md §1). ``probs``: the cross-entropy is taken over the
+    softmax *probabilities* (as the official MoE-CL code does: ``CrossEntropyLoss`` applied to
+    ``softmax(logits)``), which bounds L_D in [log(T - 1 + e) - 1, log(1 + (T - 1) e)] and
+    damps its gradient; default: over the logits."""
 
-    def __init__(self, dims: dict[str, int], num_tasks: int) -> None:
+    def __init__(self, dims: dict[str, int], num_tasks: int, probs: bool = False) -> None:
         super().__init__()
         self.names = list(dims)
         self.linears = nn.ModuleList(nn.Linear(d, num_tasks, bias=False) for d in dims.values())
         self.num_tasks = num_tasks
+        self.probs = probs
+
+    def _scores(self, p: Tensor, weight: Tensor) -> Tensor:
+        logits = F.linear(p, weight)
+        return logits.softmax(-1) if self.probs else logits
 
     def losses(self, pooled: dict[str, Tensor], task_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Summed (over the batch) cross-entropies per module, [M] each: the discriminator
@@ -192,8 +200,8 @@ class Discriminators(nn.Module):
         disc, shared = [], []
         for name, lin in zip(self.names, self.linears):
             p = pooled[name].float()
-            disc.append(F.cross_entropy(F.linear(p.detach(), GradReverse.apply(lin.weight)), task_ids, reduction="sum"))
-            shared.append(F.cross_entropy(F.linear(p, lin.weight.detach()), task_ids, reduction="sum"))
+            disc.append(F.cross_entropy(self._scores(p.detach(), GradReverse.apply(lin.weight)), task_ids, reduction="sum"))
+            shared.append(F.cross_entropy(self._scores(p, lin.weight.detach()), task_ids, reduction="sum"))
         return torch.stack(disc), torch.stack(shared)
 
 
@@ -203,7 +211,7 @@ class ContinualModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, spec: MethodSpec, num_classes: Sequence[int], mode: str, pooling: str,
                  lambda_adv: float = 0.0, adv_cap: bool = True, disc_modules: Optional[Sequence[str]] = None,
-                 olora_lambda: float = 0.0, distill_lambda: float = 0.0) -> None:
+                 olora_lambda: float = 0.0, distill_lambda: float = 0.0, adv_probs: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.spec = spec
@@ -221,7 +229,7 @@ class ContinualModel(nn.Module):
             chosen = [n for n in layers if disc_modules is None or matches(n, list(disc_modules))]
             if not chosen:
                 raise ValueError(f"method.disc_modules={disc_modules} matches no injected module; modules: {list(layers)[:6]}")
-            self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks)
+            self.discriminators = Discriminators({n: layers[n].out_features for n in chosen}, num_tasks, adv_probs)
         # the variants' state (variants.py); the engine binds the dicts of its checkpointed state
         self.snapshot_params = {k: p for kind, on in (("gate", spec.task_gate), ("shared", spec.task_shared)) if on
                                 for k, p in adapter_group(backbone, kind).items()}

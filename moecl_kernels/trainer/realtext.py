@@ -333,27 +333,35 @@ def build(seed: int = 0, sizes: Optional[dict[str, Sequence[int]]] = None, budge
     raw = raw_classes(budget)
     tasks = {}
     for name in TASK_ORDER:
-        n_train, n_dev, n_test = (int(v) for v in sizes[name])
-        need = n_train + n_dev + n_test
         classes = clean_classes(raw[name], _giveaways(name))
-        rng = random.Random(f"realtext:{seed}:{name}")
-        splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
-        for label in sorted(classes):
-            pool = list(classes[label])
-            if len(pool) < need:
-                raise RuntimeError(f"real-text task {name!r} class {label!r} has {len(pool)} sentences, needs {need} "
-                                   f"({n_train}+{n_dev}+{n_test} per class)")
-            rng.shuffle(pool)
-            splits["train"].extend({"text": s, "label": label} for s in pool[:n_train])
-            splits["dev"].extend({"text": s, "label": label} for s in pool[n_train:n_train + n_dev])
-            splits["test"].extend({"text": s, "label": label} for s in pool[n_train + n_dev:need])
-        for items in splits.values():
-            rng.shuffle(items)
+        splits = split_classes(classes, sizes[name], random.Random(f"realtext:{seed}:{name}"), f"real-text task {name!r}")
         tasks[name] = {"labels": sorted(classes), "instruction": INSTRUCTIONS[name], **splits}
     manifest = {"format": FORMAT, "seed": seed, "order": list(TASK_ORDER), "budget": budget,
                 "per_class": {n: list(sizes[n]) for n in TASK_ORDER}, "sources": source_versions(),
                 "sha256": content_hash(tasks)}
     return {"tasks": tasks, "manifest": manifest}
+
+
+def split_classes(classes: dict[str, list[str]], per_class: Sequence[int], rng: random.Random,
+                  what: str) -> dict[str, list[dict]]:
+    """``{"train", "dev", "test"}`` lists of ``{"text", "label"}``: ``per_class`` = (train, dev,
+    test) sentences of each class (sorted labels), drawn with ``rng``, each split shuffled;
+    raises naming ``what`` and the class when a class has too few."""
+    n_train, n_dev, n_test = (int(v) for v in per_class)
+    need = n_train + n_dev + n_test
+    splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    for label in sorted(classes):
+        pool = list(classes[label])
+        if len(pool) < need:
+            raise RuntimeError(f"{what} class {label!r} has {len(pool)} sentences, needs {need} "
+                               f"({n_train}+{n_dev}+{n_test} per class)")
+        rng.shuffle(pool)
+        splits["train"].extend({"text": s, "label": label} for s in pool[:n_train])
+        splits["dev"].extend({"text": s, "label": label} for s in pool[n_train:n_train + n_dev])
+        splits["test"].extend({"text": s, "label": label} for s in pool[n_train + n_dev:need])
+    for items in splits.values():
+        rng.shuffle(items)
+    return splits
 
 
 def content_hash(tasks: dict) -> str:

@@ -94,7 +94,8 @@ def write_method_report(out_dir: Path, result: dict[str, Any]) -> None:
         f"# {result['method']} on {result['benchmark']}",
         "",
         f"ACC {_pct(m['ACC'])} | BWT {_fmt(m['BWT'])} | FWT {_fmt(m['FWT'])} | LA {_pct(m.get('LA', 0.0))} | "
-        f"transfer gain {_fmt(m.get('transfer_gain'))} (percentage points; {result['mode']} mode, "
+        f"transfer gain {_fmt(m.get('transfer_gain'))} | vs rank-matched {_fmt(m.get('transfer_gain_rm'))} "
+        f"(percentage points; {result['mode']} mode, "
         f"{_LEVELS[result.get('level', 'linear')]}, seed {result['seed']})",
         "",
         "Accuracy matrix R (%): row i = after training tasks 1..i, column j = test accuracy on task j.",
@@ -121,7 +122,8 @@ def _probe_lines(result: dict[str, Any]) -> list[str]:
 
 
 METRIC_COLUMNS = (("ACC", "ACC (%)", _pct), ("BWT", "BWT (pp)", _fmt), ("FWT", "FWT (pp)", _fmt),
-                  ("LA", "LA (%)", _pct), ("transfer_gain", "transfer gain (pp)", _fmt))
+                  ("LA", "LA (%)", _pct), ("transfer_gain", "transfer gain (pp)", _fmt),
+                  ("transfer_gain_rm", "gain vs rank-matched (pp)", _fmt))
 
 
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -136,7 +138,8 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
 
 METRICS_NOTE = ("ACC: final mean accuracy; BWT: backward transfer (negative = forgetting); FWT: forward transfer "
                 "(classification: a linear probe on the backbone before each task vs on the untrained backbone); "
-                "LA: mean accuracy on each task right after training it; transfer gain: LA minus isolated LoRA's LA.")
+                "LA: mean accuracy on each task right after training it; transfer gain: LA minus isolated LoRA's LA; "
+                "gain vs rank-matched: LA minus the LA of isolated LoRA at rank 2r (isolated_lora_rm).")
 
 
 def write_comparison(run_dir: Path, results: dict[str, dict[str, Any]]) -> str:
