@@ -64,22 +64,10 @@ def _set_tasks(module: nn.Module, tasks: list[int], device) -> None:
     _put(module, TASKS, torch.tensor(tasks, dtype=torch.int64, device=device) if tasks else None)
 
 
-def _check_task(module: nn.Module, k) -> int:
-    import operator
-
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"task must be an int, got {k!r}") from None
-    if not 0 <= k < module.num_tasks:
-        raise ValueError(f"task={k} is out of range for num_tasks={module.num_tasks}")
-    return k
-
-
 @torch.no_grad()
 def freeze(module: nn.Module, k: int) -> None:
     """Snapshot the module's gate and shared expert for task ``k`` (again: the snapshot is retaken)."""
-    k = _check_task(module, k)
+    k = module.check_task(k, "freeze_task")
     tasks = frozen_tasks(module)
     f = tasks.index(k) if k in tasks else len(tasks)
     for owner, name, live in _stacks(module):
@@ -100,7 +88,7 @@ def freeze(module: nn.Module, k: int) -> None:
 
 def unfreeze(module: nn.Module, k: int) -> None:
     """Drop task ``k``'s snapshot: its tokens use the live gate and shared expert again."""
-    k = _check_task(module, k)
+    k = module.check_task(k, "unfreeze_task")
     tasks = frozen_tasks(module)
     if k not in tasks:
         return
