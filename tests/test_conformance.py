@@ -190,9 +190,14 @@ def op_run(backend: str, case, dtype, device: str, seed: int):
     tt = token_tasks(routing, T, E, g)
     y = moe_lora_linear(**inp, routing=build_routing(tt, E, T, device=device), scale=1.7, dropout_p=p,
                         seed=torch.tensor(1234 + seed, device=device), backend=backend)
+    return _with_reference(y, inp, g, device, dtype, token_task=tt, scale=1.7, dropout_p=p, seed=1234 + seed)
+
+
+def _with_reference(y, inp: dict, g, device, dtype, **ref_kw):
+    """(the op's output and input gradients, the float64 reference's) for one random upstream gradient."""
     leaf = {k: (v.detach().cpu().double().requires_grad_(v.requires_grad) if v is not None else None)
             for k, v in inp.items()}
-    y_ref = moe_lora_reference(**leaf, token_task=tt, scale=1.7, dropout_p=p, seed=1234 + seed)
+    y_ref = moe_lora_reference(**leaf, **ref_kw)
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     names = [n for n in OP_GRADS if inp[n] is not None]
     got = torch.autograd.grad(y, [inp[n] for n in names], gy.to(device, dtype))
@@ -271,15 +276,8 @@ def frozen_op_run(backend: str, case, dtype, device: str, seed: int, grouped: bo
         warnings.simplefilter("ignore", RuntimeWarning)  # a kernel backend saying it runs frozen tasks on eager
         y = moe_lora_linear(**inp, routing=R, scale=1.7, dropout_p=p, seed=torch.tensor(99 + seed, device=device),
                             backend=backend, **snaps)
-    leaf = {k: (v.detach().cpu().double().requires_grad_(v.requires_grad) if v is not None else None)
-            for k, v in inp.items()}
     s64 = {k: (v.cpu().double() if k != "task_slot" else v.cpu()) if v is not None else None for k, v in snaps.items()}
-    y_ref = moe_lora_reference(**leaf, token_task=tt, scale=1.7, dropout_p=p, seed=99 + seed, **s64)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    names = [n for n in OP_GRADS if inp[n] is not None]
-    got = torch.autograd.grad(y, [inp[n] for n in names], gy.to(device, dtype))
-    want = torch.autograd.grad(y_ref, [leaf[n] for n in names], gy)
-    return {"y": y, **dict(zip(names, got))}, {"y": y_ref.detach(), **dict(zip(names, want))}
+    return _with_reference(y, inp, g, device, dtype, token_task=tt, scale=1.7, dropout_p=p, seed=99 + seed, **s64)
 
 
 def _frozen_runs():
