@@ -26,7 +26,7 @@ from torch import Tensor
 from ..contract import SINGLE_NONE, acc_dtype, host_offsets
 from ..contract.activations import activation as _act
 from ..contract.ffn_args import FFN_GRAD_INPUTS, PROJECTIONS, down_seed, ffn_grad_flag
-from ..contract.reference import _autograd_enabled
+from ..contract.reference import _autograd_enabled, leaf_grads
 from .eager_parts import Dropout, expert_groups, rows
 
 
@@ -57,22 +57,6 @@ def _coef(x: Tensor, gate: Optional[Tensor], has_task: bool, acc: torch.dtype) -
 def _place(out: Tensor, idx: Optional[Tensor], value: Tensor) -> Tensor:
     """``out`` with rows ``idx`` (all: None) replaced by ``value``, out of place (autograd-safe)."""
     return value if idx is None else out.index_copy(0, idx, value)
-
-
-def _grads(leaves: dict, outputs: list, grad_outputs: list, names: tuple, trainable) -> tuple:
-    """autograd.grad of ``outputs`` for the ``leaves`` (name -> tensor), in ``names`` order (None
-    where not asked); the task experts' stacks zeroed for frozen experts."""
-    got = dict(zip(leaves, torch.autograd.grad(outputs, list(leaves.values()), grad_outputs, allow_unused=True)))
-    out = []
-    for n in names:
-        g = got.get(n)
-        if n in leaves and g is None:
-            g = torch.zeros_like(leaves[n])
-        if g is not None and n.endswith(("task_A", "task_B")) and trainable is not None:
-            frozen = torch.tensor([not t for t in trainable], device=g.device)
-            g = g.masked_fill(frozen[:, None, None], 0)
-        out.append(g)
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- the linear op
@@ -116,7 +100,7 @@ def linear_backward(a) -> tuple:
                   if p[n] is not None and getattr(a, flag)}
         p.update(leaves)
         y = _linear(a, p)[0]
-        return _grads(leaves, [y], [a.grad_y], tuple(n for n, _ in _LINEAR_LEAVES), a.expert_trainable)
+        return leaf_grads(leaves, [y], [a.grad_y], tuple(n for n, _ in _LINEAR_LEAVES), a.expert_trainable)
 
 
 # --------------------------------------------------------------------------- the FFN op
@@ -213,7 +197,7 @@ def ffn_backward(a) -> tuple:
             if gr is not None and a.pool is not None:
                 outs.append(out[name])
                 grads_out.append(gr)
-        return _grads(leaves, outs, grads_out, FFN_GRAD_INPUTS, a.expert_trainable)
+        return leaf_grads(leaves, outs, grads_out, FFN_GRAD_INPUTS, a.expert_trainable)
 
 
 __all__ = ["groups", "linear_forward", "linear_backward", "ffn_forward", "ffn_backward"]

@@ -18,7 +18,7 @@ from .args import acc_dtype, coefficients
 from .dropout import apply_dropout_reference as apply_dropout
 from .ffn_args import (FFN_GRAD_INPUTS, FFN_POOLED, FFN_SAVED, FFN_SNAPSHOTS, LORA_PARTS, PROJECTIONS, FfnBwdArgs, FfnFwdArgs, down_seed,
                        ffn_grad_flag)
-from .reference import _autograd_enabled, per_token, token_slots
+from .reference import _autograd_enabled, leaf_grads, per_token, token_slots
 
 
 def moe_lora_mlp_reference(
@@ -147,15 +147,5 @@ def reference_ffn_backward(a: FfnBwdArgs) -> tuple:
             if g is not None and a.pool is not None:
                 outs.append(out[name])
                 grads_out.append(g)
-        got = dict(zip(leaves, torch.autograd.grad(outs, list(leaves.values()), grads_out, allow_unused=True)))
-    result = []
-    for n in FFN_GRAD_INPUTS:
-        g = got.get(n)
-        if n in leaves and g is None:
-            g = torch.zeros_like(leaves[n])
-        if g is not None and n.endswith(("task_A", "task_B")) and a.expert_trainable is not None:
-            frozen = torch.tensor([not t for t in a.expert_trainable], device=g.device)
-            g = g.masked_fill(frozen[:, None, None], 0)
-        result.append(g)
-    return tuple(result)
+        return leaf_grads(leaves, outs, grads_out, FFN_GRAD_INPUTS, a.expert_trainable)
 

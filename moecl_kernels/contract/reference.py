@@ -70,6 +70,22 @@ def token_slots(tt: Tensor, task_slot: Tensor) -> Tensor:
     return torch.where(tt >= 0, slot, -1)
 
 
+def leaf_grads(leaves: dict, outputs: list, grad_outputs: list, names: tuple, trainable) -> tuple:
+    """autograd.grad of ``outputs`` for the ``leaves`` (name -> tensor), in ``names`` order (None
+    where not asked); the task experts' stacks zeroed for frozen experts."""
+    got = dict(zip(leaves, torch.autograd.grad(outputs, list(leaves.values()), grad_outputs, allow_unused=True)))
+    out = []
+    for n in names:
+        g = got.get(n)
+        if n in leaves and g is None:
+            g = torch.zeros_like(leaves[n])
+        if g is not None and n.endswith(("task_A", "task_B")) and trainable is not None:
+            frozen = torch.tensor([not t for t in trainable], device=g.device)
+            g = g.masked_fill(frozen[:, None, None], 0)
+        out.append(g)
+    return tuple(out)
+
+
 def per_token(live: Tensor, snaps: Tensor, sidx: Tensor) -> Tensor:
     """[T, *live.shape]: the live tensor (sidx 0) or snapshot ``sidx - 1`` of every token."""
     return torch.cat([live.unsqueeze(0), snaps.to(live.dtype)])[sidx]
