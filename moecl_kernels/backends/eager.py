@@ -3,8 +3,9 @@
 Forward: base GEMM, then the LoRA terms accumulated into the base output with ``addmm_``:
 a batch of one task runs the shared and the task expert as one rank-2r LoRA (one shrink,
 one expand); a mixed batch runs the shared expert on the whole batch and the routed experts
-either by a per-token gather (``bmm``, when the batch is small: decode) or one GEMM pair per
-task present (``index_select`` / ``index_add_``, like PEFT's mixed-batch path).
+densely when there are few tokens (decode: every task expert on every token, kept by a one-hot
+of its task; ``eager_parts.dense_shrink/dense_expand``), else by one GEMM pair per task present
+(``index_select`` / ``index_add_``, like PEFT's mixed-batch path).
 
 Backward is explicit: it saves only x (shared with the base), the rank-r intermediates and
 the gates, regenerates the dropout mask (``contract.dropout``'s int32 hash) and skips weight
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype
+from ..contract import SINGLE_NONE, BwdArgs, FwdArgs, acc_dtype, coefficients
 from . import eager_snapshots
 from .eager_ffn import EagerFFN
-from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, add_rows, coefficients_fast, dense_expand, dense_shrink,
+from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, add_rows, dense_expand, dense_shrink,
                           expert_groups, gate_logit_grad, rows, task_one_hot, thin, wgrad, wgrad_t)
 
 
@@ -52,7 +53,7 @@ class EagerBackend(EagerFFN):
         y = F.linear(x, a.weight, a.bias)
         drop = Dropout(x, a.dropout_p, a.seed, ws)
         xd = drop.into(x, ws.like(x) if drop.mask is not None else None)
-        coef = coefficients_fast(x, a.gate_weight, a.token_task, a.single_task)
+        coef = coefficients(x, a.gate_weight, a.token_task, a.single_task)
         sc = coef * s
         if a.single_task >= 0:
             # one task: shared and task expert as one rank-2r LoRA (one shrink, one addmm into y)

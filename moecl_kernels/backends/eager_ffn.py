@@ -4,7 +4,8 @@ FFN kernels are measured against and the reference for the rest.
 Forward: the base gate/up GEMMs once; the rank-r shrinks of x~ (every projection of both
 experts in one GEMM when the batch has one task); each expert's rank-r terms added to g and u
 by ``addmm`` (one per projection and expert), h_e = act(pg_e) * pu_e evaluated over all tokens
-(the routed expert's terms assembled per task group in a mixed batch), the mixed h by one
+(the routed expert's terms assembled per task group in a mixed batch, or densely under a
+one-hot of each token's task at decode sizes), the mixed h by one
 ``lerp``; ONE base down GEMM on h; the down LoRA terms from rank-r shrinks of h~_s and h~_t.
 Saved: g, u and rank-r factors only.
 
@@ -24,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..contract import SINGLE_MIXED, SINGLE_NONE, acc_dtype
+from ..contract import SINGLE_MIXED, SINGLE_NONE, acc_dtype, coefficients
 from ..contract.activations import activation_, activation_backward_, activation_into
 from . import eager_snapshots
 from ..contract.ffn_args import FFN_GRAD_INPUTS, FfnBwdArgs, FfnFwdArgs, down_seed
-from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, coefficients_fast, dense_expand, dense_shrink,
+from .eager_parts import (DENSE_ELEMENTS, Dropout, Workspace, dense_expand, dense_shrink,
                           expert_groups, gate_logit_grad, rows, set_rows, task_one_hot, thin, wgrad, wgrad_t)
 
 
@@ -155,7 +156,7 @@ class EagerFFN:
         T = x.shape[0]
         g = F.linear(x, a.gate_proj_weight, a.gate_proj_bias) if c.gated_mlp else None
         u = F.linear(x, a.up_proj_weight, a.up_proj_bias)
-        coef = coefficients_fast(x, a.moe_gate, a.token_task, a.single_task)
+        coef = coefficients(x, a.moe_gate, a.token_task, a.single_task)
         drop_x = Dropout(x, a.dropout_p, a.seed, ws)
         a_s, a_t = c.shrink(drop_x.into(x, ws.like(x) if drop_x.mask is not None else None))
         if c.moe_gated:  # two FFN evaluations mixed by the gate: h = h_s + c_t (h_t - h_s)

@@ -1,7 +1,7 @@
 """What the eager implementations of both ops (``eager.py``, ``eager_ffn.py``) share: token
 groups by expert, row gathers and scatters, the dropout mask (a float ``keep / (1 - p)`` built
 once per call and multiplied in: ``where`` on a boolean is twice as slow), weight-gradient GEMMs in the
-orientation the CPU BLAS runs fast, and the gate coefficients with the routing's hints.
+orientation the CPU BLAS runs fast, and the dense decode path.
 
 Why the orientation matters: a rank-r weight gradient computed as the [n, r] product ``h^T a``
 (h [T, n], a [T, r]) runs ~5x slower on CPU BLAS than the [r, n] product ``a^T h`` (7.0 vs 1.4 ms for
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..contract import SINGLE_NONE, acc_dtype, host_offsets
+from ..contract import SINGLE_NONE, host_offsets
 from ..contract.dropout import dropout_scale
 
 # few tokens of several tasks (decode): every task expert evaluated on every token and kept by a
@@ -187,20 +187,6 @@ def wgrad(left: Tensor, right: Tensor) -> Tensor:
 def wgrad_t(right: Tensor, left: Tensor) -> Tensor:
     """``right^T @ left`` [n, m] (e.g. dB = gy^T (s c h), [d_out, r]) through :func:`wgrad`, contiguous."""
     return wgrad(left, right).t().contiguous()
-
-
-def coefficients_fast(x: Tensor, gate: Optional[Tensor], token_task: Tensor, single_task: int) -> Tensor:
-    """coef [T, 2] in ``acc_dtype`` (``contract.coefficients``), skipping the task masks when the
-    routing's ``single_task`` hint says every token has one task (or none has)."""
-    acc = acc_dtype(x.dtype)
-    T = x.shape[0]
-    if single_task == SINGLE_NONE:
-        return torch.cat([x.new_ones((T, 1), dtype=acc), x.new_zeros((T, 1), dtype=acc)], 1)
-    beta = torch.softmax((x @ gate.t()).to(acc), dim=-1) if gate is not None else x.new_ones((T, 2), dtype=acc)
-    if single_task >= 0:
-        return beta
-    has = (token_task >= 0).unsqueeze(1)
-    return torch.cat([torch.where(has, beta[:, :1], 1.0), torch.where(has, beta[:, 1:], 0.0)], 1)
 
 
 def gate_logit_grad(coef: Tensor, gbeta: Tensor, token_task: Tensor, single_task: int) -> Tensor:

@@ -133,17 +133,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def coefficients(x: Tensor, gate_weight: Optional[Tensor], token_task: Tensor) -> Tensor:
+def coefficients(x: Tensor, gate_weight: Optional[Tensor], token_task: Tensor, single_task: int = SINGLE_MIXED) -> Tensor:
     """coef [T, 2] in ``acc_dtype(x.dtype)`` (see the module docstring): softmax(x W_g^T) or
     [1, 1] for tokens with a task, [1, 0] for tokens without one. ``gate_weight``: [2, d_in], or
-    [T, 2, d_in] (every token's own gate: frozen tasks)."""
+    [T, 2, d_in] (every token's own gate: frozen tasks). ``single_task``: the routing's hint
+    (>= 0: every token has that task; SINGLE_NONE: none has one) skips the per-token task mask."""
     acc = acc_dtype(x.dtype)
-    has = (token_task >= 0).unsqueeze(1).to(device=x.device, dtype=acc)
+    T = x.shape[0]
+    if single_task == SINGLE_NONE:
+        return torch.cat([x.new_ones((T, 1), dtype=acc), x.new_zeros((T, 1), dtype=acc)], 1)
     if gate_weight is not None:
         logits = torch.einsum("ti,tki->tk", x, gate_weight) if gate_weight.dim() == 3 else x @ gate_weight.T
         beta = torch.softmax(logits.to(acc), dim=-1)
     else:
-        beta = torch.ones(x.shape[0], 2, device=x.device, dtype=acc)
+        beta = torch.ones(T, 2, device=x.device, dtype=acc)
+    if single_task >= 0:
+        return beta
+    has = (token_task >= 0).unsqueeze(1).to(device=x.device, dtype=acc)
     return torch.cat([beta[:, :1] * has + (1.0 - has), beta[:, 1:] * has], dim=1)
 
 
