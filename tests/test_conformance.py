@@ -220,13 +220,19 @@ def _op_runs():
                                marks=_marks(kernel))
 
 
-@pytest.mark.parametrize("backend,case,dtype", list(_op_runs()))
-def test_op_conforms(backend, case, dtype):
+def _device_or_skip(backend: str, dtype) -> str:
+    """The device the backend runs on here; the test is skipped where it cannot run."""
     device = DEVICE if backend in ("triton", "cuda") else "cpu"
     try:
         bk.resolve_backend(backend, torch.empty(1, device=device, dtype=dtype))
     except (bk.BackendUnavailableError, ValueError) as e:
         pytest.skip(str(e))
+    return device
+
+
+@pytest.mark.parametrize("backend,case,dtype", list(_op_runs()))
+def test_op_conforms(backend, case, dtype):
+    device = _device_or_skip(backend, dtype)
     seed = hash((case, str(dtype))) % 10_000
     got, want = op_run(backend, case, dtype, device, seed)
     eager = op_run("eager", case, dtype, device, seed)[0] if dtype in (torch.float16, torch.bfloat16) else None
@@ -293,11 +299,7 @@ def _frozen_runs():
 def test_op_conforms_with_frozen_tasks(backend, case, dtype, grouped):
     """A mixed batch with frozen tasks' tokens, in one call: y and every live gradient against the
     float64 reference (kernel backends without snapshot kernels run it on eager, said once)."""
-    device = DEVICE if backend in ("triton", "cuda") else "cpu"
-    try:
-        bk.resolve_backend(backend, torch.empty(1, device=device, dtype=dtype))
-    except (bk.BackendUnavailableError, ValueError) as e:
-        pytest.skip(str(e))
+    device = _device_or_skip(backend, dtype)
     seed = hash((case, str(dtype))) % 10_000
     got, want = frozen_op_run(backend, case, dtype, device, seed, grouped)
     eager = frozen_op_run("eager", case, dtype, device, seed, grouped)[0] if dtype in (torch.float16, torch.bfloat16) \

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..contract import SINGLE_NONE, acc_dtype, host_offsets
 from ..contract.activations import activation as _act
 from ..contract.ffn_args import FFN_GRAD_INPUTS, PROJECTIONS, down_seed, ffn_grad_flag
+from ..contract.ffn_reference import differentiated_outputs
 from ..contract.reference import _autograd_enabled, leaf_grads
 from .eager_parts import Dropout, expert_groups, rows
 
@@ -192,11 +193,7 @@ def ffn_backward(a) -> tuple:
                   if t is not None and getattr(a, ffn_grad_flag(n))}
         p.update(leaves)
         out = _ffn(a, p)
-        outs, grads_out = [out["y"]], [a.grad_y]
-        for name, gr in (("h_pool", a.grad_h_pool), ("z_pool", a.grad_z_pool)):
-            if gr is not None and a.pool is not None:
-                outs.append(out[name])
-                grads_out.append(gr)
+        outs, grads_out = differentiated_outputs(a, out)
         return leaf_grads(leaves, outs, grads_out, FFN_GRAD_INPUTS, a.expert_trainable)
 
 

@@ -135,6 +135,17 @@ def reference_ffn_forward(a: FfnFwdArgs) -> tuple:
     return (out["y"],) + tuple(out[n] for n in FFN_SAVED + FFN_POOLED)
 
 
+def differentiated_outputs(a: FfnBwdArgs, out: dict) -> tuple[list, list]:
+    """(outputs, their incoming gradients) of an FFN evaluation ``out``: y, and the pooled outputs
+    where the op pooled and they got a gradient."""
+    outs, grads_out = [out["y"]], [a.grad_y]
+    for name, g in (("h_pool", a.grad_h_pool), ("z_pool", a.grad_z_pool)):
+        if g is not None and a.pool is not None:
+            outs.append(out[name])
+            grads_out.append(g)
+    return outs, grads_out
+
+
 def reference_ffn_backward(a: FfnBwdArgs) -> tuple:
     with _autograd_enabled():
         want = {n: getattr(a, n) is not None and getattr(a, ffn_grad_flag(n)) for n in FFN_GRAD_INPUTS}
@@ -142,10 +153,6 @@ def reference_ffn_backward(a: FfnBwdArgs) -> tuple:
             want["moe_gate"] = False
         leaves = {n: getattr(a, n).detach().requires_grad_(True) for n, w in want.items() if w}
         out = _call(a, **leaves)
-        outs, grads_out = [out["y"]], [a.grad_y]
-        for name, g in (("h_pool", a.grad_h_pool), ("z_pool", a.grad_z_pool)):
-            if g is not None and a.pool is not None:
-                outs.append(out[name])
-                grads_out.append(g)
+        outs, grads_out = differentiated_outputs(a, out)
         return leaf_grads(leaves, outs, grads_out, FFN_GRAD_INPUTS, a.expert_trainable)
 
